@@ -1,0 +1,205 @@
+"""The one configuration object of fedeid.
+
+The CLI, the training loop, the Flower ClientApp and ServerApp all read the same
+:class:`Config`. It is plain data (nested dataclasses), serialisable to a dict for checkpoints
+and reports, and overridable from flat dotted keys (``"fed.rounds"``), which is how Flower's
+run config (``[tool.flwr.app.config]``, ``--run-config``) and ``--set`` on the CLI reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FINDINGS: tuple[str, ...] = ("nodule", "effusion", "cardiomegaly", "opacity")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are split into sites and held-out patients."""
+
+    source: str = "synthetic"  # "synthetic", or a CSV / ChestX-ray14 folder (see fedeid.data.loaders)
+    image_size: int = 128
+    n_sites: int = 3
+    patients_per_site: int = 40
+    images_per_patient: int = 4
+    test_patients: int = 30  # held-out patients shared by every evaluation
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the networks; stored in every checkpoint so it rebuilds itself."""
+
+    encoder: str = "efficientnet-lite0"  # or "checkpoint:/path/to/model.pt" (fedeid.models.encoder)
+    medical_channels: int = 32  # decoupled medical code (reaches the decoder)
+    identity_channels: int = 16  # identity code (discarded at inference)
+    decoder_width: int = 32
+    patch_size: int = 16  # blocking granularity, in pixels at image_size
+    reid_dim: int = 64  # ReID embedding size
+    reid_size: int = 64  # ReID networks see images resized to this (cheap, keeps anatomy)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the weights of method A's losses."""
+
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 2e-3
+    reid_epochs: int = 12
+    deid_epochs: int = 10
+    level_min: float = 0.0  # blocking levels sampled during decoder training
+    level_max: float = 1.0
+    w_rec: float = 1.0  # reconstruction on visible regions
+    w_fill: float = 0.5  # reconstruction of blocked regions at low resolution (structure, not detail)
+    w_sem: float = 1.0  # MFM features of output ~ medical code of input
+    w_med: float = 1.0  # medical-task term on the medical code and on the output
+    w_id: float = 0.5  # identity suppression on the output (ReID embedding away from input's)
+    w_rate: float = 1e-3  # MDL rate: KL of the medical code to its prior, nats
+    w_indep: float = 1.0  # cross-covariance between medical and identity codes
+    w_adv: float = 0.5  # identity adversary on the medical code (gradient reversal)
+    w_idcode: float = 1.0  # identity code must carry the ReID signal
+
+
+@dataclass
+class FederatedConfig:
+    """Flower run settings (server/ and client/ read these)."""
+
+    rounds: int = 3
+    local_epochs: int = 2
+    strategy: str = "fedavg"  # or "fedprox"
+    proximal_mu: float = 0.01
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    num_supernodes: int = 3
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy for the federated training; off by default."""
+
+    mode: str = "none"  # "none", "central" (server clipping + Gaussian noise) or "local" (Opacus DP-SGD)
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # central: per-client update norm; local: per-sample gradient norm
+    delta: float = 1e-5
+
+
+@dataclass
+class EvalConfig:
+    """What the evaluation measures."""
+
+    levels: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    baselines: tuple[str, ...] = ("blur", "pixelate", "dppix", "block", "no_decoupler")
+    attacker_epochs: int = 12
+    adaptive_epochs: int = 4
+    classifier_epochs: int = 12
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FederatedConfig = field(default_factory=FederatedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error (a typo must not pass)."""
+        cfg = cls()
+        for section, values in d.items():
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value)
+        return cfg
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set ``section.key`` (hyphens allowed for underscores), coercing to the field's type."""
+        section_name, _, key = dotted.replace("-", "_").partition(".")
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section) or not key:
+            raise KeyError(f"unknown config section in {dotted!r}")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if key not in fields:
+            raise KeyError(f"unknown config key {dotted!r}; known: {sorted(fields)}")
+        setattr(section, key, _coerce(getattr(section, key), value, dotted))
+
+    def override(self, flat: dict[str, Any]) -> Config:
+        """Apply flat dotted overrides (Flower run config, CLI ``--set``); keys of other apps ignored."""
+        for k, v in flat.items():
+            if k.split(".", 1)[0].replace("-", "_") in {f.name for f in dataclasses.fields(self)}:
+                self.set(k, v)
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _coerce(current: Any, value: Any, name: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            return value.lower() in {"1", "true", "yes", "on"}
+        return bool(value)
+    if isinstance(current, tuple):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        kind = type(current[0]) if current else str
+        return tuple(kind(str(x).strip()) if kind is not str else str(x).strip() for x in items if str(x).strip())
+    try:
+        return type(current)(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config {name}: cannot read {value!r} as {type(current).__name__}") from exc
+
+
+def preset(name: str) -> Config:
+    """Named starting points.
+
+    * ``quick`` — 128 px, three sites, small epochs: end to end on 2 CPU cores in minutes.
+    * ``full`` — more patients and epochs: the README's headline figures.
+    * ``test`` — 64 px, tiny: for the test suite.
+    """
+    cfg = Config()
+    if name == "quick":
+        return cfg
+    if name == "full":
+        cfg.data.patients_per_site = 100
+        cfg.data.images_per_patient = 5
+        cfg.data.test_patients = 60
+        cfg.train.reid_epochs = 25
+        cfg.train.deid_epochs = 25
+        cfg.fed.rounds = 8
+        cfg.eval.attacker_epochs = 25
+        cfg.eval.classifier_epochs = 25
+        cfg.eval.adaptive_epochs = 8
+        cfg.eval.levels = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+        return cfg
+    if name == "test":
+        cfg.data.image_size = 64
+        cfg.data.n_sites = 2
+        cfg.data.patients_per_site = 8
+        cfg.data.images_per_patient = 3
+        cfg.data.test_patients = 6
+        cfg.model.patch_size = 8
+        cfg.model.reid_size = 32
+        cfg.model.decoder_width = 8
+        cfg.model.medical_channels = 8
+        cfg.model.identity_channels = 4
+        cfg.model.reid_dim = 16
+        cfg.train.batch_size = 8
+        cfg.train.reid_epochs = 1
+        cfg.train.deid_epochs = 1
+        cfg.fed.rounds = 2
+        cfg.fed.local_epochs = 1
+        cfg.fed.num_supernodes = 2
+        cfg.eval.levels = (0.0, 0.5, 1.0)
+        cfg.eval.attacker_epochs = 1
+        cfg.eval.adaptive_epochs = 1
+        cfg.eval.classifier_epochs = 1
+        return cfg
+    raise ValueError(f"unknown preset {name!r}; choose quick, full or test")
