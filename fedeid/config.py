@@ -27,6 +27,7 @@ class DataConfig:
     images_per_patient: int = 4
     test_patients: int = 30  # held-out patients shared by every evaluation
     seed: int = 0
+    findings: tuple[str, ...] = ()  # empty = the synthetic benchmark's FINDINGS; set by real-data loaders
 
 
 @dataclass
@@ -36,7 +37,8 @@ class ModelConfig:
     encoder: str = "efficientnet-lite0"  # or "checkpoint:/path/to/model.pt" (fedeid.models.encoder)
     medical_channels: int = 32  # decoupled medical code (reaches the decoder)
     identity_channels: int = 16  # identity code (discarded at inference)
-    decoder_width: int = 32
+    decouple: bool = True  # False = the ablation "fedeid without the MDL decoupler"
+    decoder_width: int = 16
     patch_size: int = 16  # blocking granularity, in pixels at image_size
     reid_dim: int = 64  # ReID embedding size
     reid_size: int = 64  # ReID networks see images resized to this (cheap, keeps anatomy)
@@ -59,7 +61,7 @@ class TrainConfig:
     w_sem: float = 1.0  # MFM features of output ~ medical code of input
     w_med: float = 1.0  # medical-task term on the medical code and on the output
     w_id: float = 0.5  # identity suppression on the output (ReID embedding away from input's)
-    w_rate: float = 1e-3  # MDL rate: KL of the medical code to its prior, nats
+    w_rate: float = 0.05  # MDL rate: KL of the medical code to its prior, nats per code element
     w_indep: float = 1.0  # cross-covariance between medical and identity codes
     w_adv: float = 0.5  # identity adversary on the medical code (gradient reversal)
     w_idcode: float = 1.0  # identity code must carry the ReID signal

@@ -1,0 +1,1 @@
+"""The de-identification pipeline: identity saliency -> patch blocking -> compensation."""

@@ -1,0 +1,104 @@
+"""The de-identifier: identity saliency -> patch blocking -> medical-semantics compensation.
+
+:class:`DeIdentifier` is what every consumer uses (CLI, DICOM path, evaluation, federated
+clients): it holds the frozen encoder, the trained decoupler + decoder, and the ReID network of
+the site that runs it, and turns images at the model's size into de-identified images at a
+privacy level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoint
+from fedeid.config import Config
+from fedeid.deid.blocking import block_mask, patch_scores
+from fedeid.io import InputError
+from fedeid.models.deid_model import DeIdModel, load_shared_state, shared_state
+from fedeid.models.reid import ReIDNet
+from fedeid.train import as_tensor, resolve_device
+
+
+class DeIdentifier:
+    def __init__(self, model: DeIdModel, reid: ReIDNet, cfg: Config, device: str | torch.device = "auto",
+                 modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.reid = reid.to(self.device).eval()
+        self.image_size = cfg.data.image_size
+        self.level_range = (cfg.train.level_min, cfg.train.level_max)
+        self.modalities = tuple(modalities)
+
+    @classmethod
+    def build(cls, cfg: Config, device: str = "auto") -> DeIdentifier:
+        """Untrained networks over the real pipeline (tests, smoke runs)."""
+        torch.manual_seed(cfg.train.seed)
+        return cls(DeIdModel(cfg), ReIDNet(cfg.model.reid_size, cfg.model.reid_dim), cfg, device)
+
+    @classmethod
+    def from_models(cls, model: DeIdModel, reid: ReIDNet, cfg: Config, device: str = "auto") -> DeIdentifier:
+        return cls(model, reid, cfg, device)
+
+    @classmethod
+    def load(cls, path: str | Path, reid: str | Path | None = None, device: str = "auto") -> DeIdentifier:
+        """Rebuild from a checkpoint; ``reid`` names a site's ReID checkpoint when ``path`` has none."""
+        ckpt = load_checkpoint(path)
+        cfg: Config = ckpt["config_obj"]
+        reid_state = ckpt["reid_state"]
+        if reid is not None:
+            reid_state = load_checkpoint(reid)["reid_state"]
+            if reid_state is None:
+                raise InputError(reid, "checkpoint holds no ReID network")
+        if reid_state is None:
+            raise InputError(path, "checkpoint holds no ReID network (a global federated model): "
+                                   "pass the site's ReID checkpoint too")
+        model = DeIdModel(cfg)
+        reid_net = ReIDNet(cfg.model.reid_size, cfg.model.reid_dim)
+        try:
+            load_shared_state(model, ckpt["shared_state"])
+            reid_net.load_state_dict(reid_state)
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(path, f"weights do not fit the stored config: {exc}") from exc
+        return cls(model, reid_net, cfg, device, tuple(ckpt["modalities"]))
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        save_checkpoint(path, self.cfg, shared=shared_state(self.model), reid=self.reid.state_dict(),
+                        modalities=self.modalities, extra=extra)
+
+    def _check_level(self, level: float) -> None:
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"level must lie in [0, 1], got {level}")
+
+    @torch.no_grad()
+    def deidentify_tensor(self, x: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1, S, S] in [0, 1] on any device -> (de-identified, mask) on this device."""
+        self._check_level(level)
+        x = x.to(self.device)
+        scores = patch_scores(self.reid.saliency(x), self.image_size, self.cfg.model.patch_size)
+        mask = block_mask(scores, level, self.image_size, self.cfg.model.patch_size)
+        if not bool(mask.any()):
+            return x.clone(), mask
+        out, _, _ = self.model(x, mask)
+        return out.clamp(0, 1), mask
+
+    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """images float32 [N, S, S] in [0, 1] -> (de-identified float32 [N, S, S], blocked mask bool)."""
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected images [N, {self.image_size}, {self.image_size}], got {images.shape}")
+        self._check_level(level)
+        outs, masks = [], []
+        x_all = as_tensor(images)
+        for i in range(0, len(x_all), batch_size):
+            out, mask = self.deidentify_tensor(x_all[i:i + batch_size], level)
+            outs.append(out.cpu())
+            masks.append(mask.cpu())
+        if not outs:
+            return images.astype(np.float32), np.zeros(images.shape, dtype=bool)
+        return (torch.cat(outs)[:, 0].numpy().astype(np.float32),
+                torch.cat(masks)[:, 0].numpy() > 0.5)

@@ -1,0 +1,1 @@
+"""Evaluation: re-identification and utility metrics, image baselines, privacy–utility plots."""

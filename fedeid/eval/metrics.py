@@ -1,0 +1,230 @@
+"""Privacy, utility and image-quality metrics (method.md, A.5).
+
+* Privacy: how well an attacker's embedding re-identifies de-identified images against a gallery
+  of originals — :func:`reid_metrics` (P@1, mAP@R, verification AUC, and the chance level).
+* Utility: :func:`macro_auc` / :func:`per_finding_auc` of a downstream multi-label classifier.
+* Quality: :func:`psnr` and :func:`ssim` (Wang et al. 2004) between originals and outputs.
+
+Retrieval metrics are tie-aware: a de-identifier that maps every image to the same embedding
+must score exactly chance, not whatever the gallery order happens to give ``argmax``. Ties are
+therefore resolved in expectation over a uniformly random order of the tied gallery items.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+# Cosine similarities equal after rounding to this many decimals are ties: identical embeddings
+# can differ in the last bits depending on how the BLAS kernel blocks the product.
+_TIE_DECIMALS = 10
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _cosine(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Cosine similarity matrix [Q, G] in float64; zero vectors get similarity 0 to everything."""
+    q = query.astype(np.float64).reshape(len(query), -1)
+    g = gallery.astype(np.float64).reshape(len(gallery), -1)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return np.round(q @ g.T, _TIE_DECIMALS)
+
+
+def _query_scores(sims: np.ndarray, relevant: np.ndarray) -> tuple[float, float]:
+    """Expected P@1 and AP@R of one query, over random orders of tied similarities.
+
+    ``sims`` are the query's similarities to the usable gallery items, ``relevant`` marks its
+    patient's items; R = ``relevant.sum()`` > 0. AP@R (Musgrave et al. 2020) is
+    ``(1/R) * sum_{i<=R} P(i) * rel(i)`` over the R best-ranked items. Inside a tie group of
+    ``t`` items holding ``k`` relevant ones, placed after ``s`` items of which ``c`` are relevant,
+    position ``j`` is relevant with probability ``k/t`` and, given that, the group's earlier
+    ``j-1`` positions hold ``(j-1)(k-1)/(t-1)`` relevant items in expectation; linearity of
+    expectation then gives the exact expected AP@R. Without ties this is the usual AP@R.
+    """
+    r = int(relevant.sum())
+    order = np.argsort(-sims, kind="stable")
+    s_sorted, rel_sorted = sims[order], relevant[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    ends = np.r_[starts[1:], len(s_sorted)]
+    p_at_1 = float(rel_sorted[starts[0]:ends[0]].mean())
+    ap = 0.0
+    seen_relevant = 0
+    for start, end in zip(starts, ends):
+        if start >= r:
+            break
+        t = end - start
+        k = int(rel_sorted[start:end].sum())
+        if k:
+            j = np.arange(1, min(t, r - start) + 1)
+            inner = (j - 1) * (k - 1) / (t - 1) if t > 1 else np.zeros(len(j))
+            ap += float(np.sum((k / t) * (seen_relevant + 1 + inner) / (start + j)))
+        seen_relevant += k
+    return p_at_1, ap / r
+
+
+def reid_metrics(
+    query_emb: Any,
+    query_ids: Any,
+    gallery_emb: Any,
+    gallery_ids: Any,
+    query_keys: Any | None = None,
+    gallery_keys: Any | None = None,
+) -> dict[str, float | int]:
+    """Re-identification success of ``query`` embeddings against a ``gallery``, by cosine similarity.
+
+    The attacker ranks gallery items by cosine similarity to each query; a gallery item is a hit
+    when it has the query's patient id. Returned (plain Python numbers):
+
+    * ``p_at_1`` — fraction of queries whose most similar gallery item is a hit (top-1 accuracy);
+    * ``map_at_r`` — mean AP@R (Musgrave et al., "A Metric Learning Reality Check", 2020), R the
+      number of the query's patient's gallery items;
+    * ``verification_auc`` — ROC AUC of the similarity over every usable query–gallery pair,
+      same patient (positive) versus different (``nan`` when one class is absent);
+    * ``chance_p_at_1`` — expected P@1 of a random ranking: mean of R / (usable gallery items);
+    * ``n_queries`` (scored), ``n_dropped_queries`` (no usable gallery item of their patient),
+      ``n_gallery_patients``.
+
+    ``query_keys`` / ``gallery_keys`` (given together) exclude pairs whose keys are equal — e.g.
+    the acquisition or source file — so a de-identified image is not matched against its own
+    original when the gallery holds it. Excluded pairs take part in no metric. Ties in
+    similarity are resolved in expectation over random orders (see module docstring), so
+    identical embeddings score exactly chance.
+    """
+    q_emb, g_emb = _to_numpy(query_emb), _to_numpy(gallery_emb)
+    q_ids, g_ids = _to_numpy(query_ids).reshape(-1), _to_numpy(gallery_ids).reshape(-1)
+    if len(q_emb) != len(q_ids) or len(g_emb) != len(g_ids):
+        raise ValueError("embeddings and ids must have the same number of rows")
+    if len(g_ids) == 0:
+        raise ValueError("empty gallery")
+    if (query_keys is None) != (gallery_keys is None):
+        raise ValueError("give both query_keys and gallery_keys, or neither")
+    sims = _cosine(q_emb, g_emb)
+    same = q_ids[:, None] == g_ids[None, :]
+    usable = np.ones_like(same)
+    if query_keys is not None:
+        q_keys, g_keys = _to_numpy(query_keys).reshape(-1), _to_numpy(gallery_keys).reshape(-1)
+        if len(q_keys) != len(q_ids) or len(g_keys) != len(g_ids):
+            raise ValueError("keys must have one entry per embedding")
+        usable = q_keys[:, None] != g_keys[None, :]
+
+    p1, ap, chance, kept = [], [], [], []
+    for i in range(len(q_ids)):
+        rel = same[i, usable[i]]
+        if not rel.any():
+            continue
+        a, b = _query_scores(sims[i, usable[i]], rel)
+        p1.append(a)
+        ap.append(b)
+        chance.append(rel.sum() / len(rel))
+        kept.append(i)
+
+    pair_mask = usable[kept]
+    pair_labels = same[kept][pair_mask]
+    if len(np.unique(pair_labels)) == 2:
+        auc = float(roc_auc_score(pair_labels, sims[kept][pair_mask]))
+    else:
+        auc = math.nan
+    return {
+        "p_at_1": float(np.mean(p1)) if p1 else math.nan,
+        "map_at_r": float(np.mean(ap)) if ap else math.nan,
+        "verification_auc": auc,
+        "chance_p_at_1": float(np.mean(chance)) if chance else math.nan,
+        "n_queries": len(kept),
+        "n_dropped_queries": len(q_ids) - len(kept),
+        "n_gallery_patients": int(len(np.unique(g_ids))),
+    }
+
+
+def per_finding_auc(labels: Any, scores: Any, names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """ROC AUC of each finding (column) that has both classes; findings with one class are left out.
+
+    Keys are ``names`` when given, otherwise column indices as strings (JSON-ready either way).
+    """
+    y, s = _to_numpy(labels), _to_numpy(scores)
+    if y.ndim != 2 or y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must both be [N, F]")
+    if names is not None and len(names) != y.shape[1]:
+        raise ValueError(f"{len(names)} names for {y.shape[1]} findings")
+    out: dict[str, float] = {}
+    for f in range(y.shape[1]):
+        if len(np.unique(y[:, f])) == 2:
+            out[names[f] if names is not None else str(f)] = float(roc_auc_score(y[:, f], s[:, f]))
+    return out
+
+
+def macro_auc(labels: Any, scores: Any) -> float:
+    """Mean ROC AUC over findings with both classes present (``nan`` if none).
+
+    sklearn's ``average="macro"`` refuses a column with a single class, which small held-out
+    sets of rare findings produce; those findings carry no ranking information and are skipped.
+    """
+    aucs = per_finding_auc(labels, scores)
+    return float(np.mean(list(aucs.values()))) if aucs else math.nan
+
+
+def _as_batch(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(_to_numpy(a), dtype=torch.float64)
+    y = torch.as_tensor(_to_numpy(b), dtype=torch.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.ndim == 2:
+        x, y = x[None], y[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected [N, H, W] or [H, W], got {tuple(x.shape)}")
+    return x, y
+
+
+def psnr_per_image(a: Any, b: Any, data_range: float = 1.0) -> np.ndarray:
+    """PSNR in dB of each image pair, ``10 log10(L^2 / MSE)``; ``inf`` for identical images."""
+    x, y = _as_batch(a, b)
+    mse = ((x - y) ** 2).flatten(1).mean(1).numpy()
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(data_range**2 / mse)
+
+
+def psnr(a: Any, b: Any, data_range: float = 1.0) -> float:
+    """Mean per-image PSNR in dB (``inf`` as soon as one pair is identical, as in scikit-image)."""
+    return float(np.mean(psnr_per_image(a, b, data_range)))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_per_image(a: Any, b: Any, data_range: float = 1.0) -> np.ndarray:
+    """SSIM of each image pair (Wang et al., IEEE TIP 2004), the mean of its SSIM map.
+
+    Local means, variances and covariance are weighted by an 11×11 Gaussian window (σ = 1.5),
+    ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, and the map covers the 'valid' region only (no
+    padding), the standard definition. Computed in float64 with ``conv2d``.
+    """
+    x, y = _as_batch(a, b)
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11×11, got {tuple(x.shape[-2:])}")
+    w = _gaussian_window()
+    x, y = x[:, None], y[:, None]
+    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+    var_x = F.conv2d(x * x, w) - mu_x**2
+    var_y = F.conv2d(y * y, w) - mu_y**2
+    cov = F.conv2d(x * y, w) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1).numpy()
+
+
+def ssim(a: Any, b: Any, data_range: float = 1.0) -> float:
+    """Mean per-image SSIM over a batch [N, H, W] (or one [H, W] image)."""
+    return float(np.mean(ssim_per_image(a, b, data_range)))

@@ -1,0 +1,54 @@
+"""A small convolutional network shared by the ReID networks and the finding classifier.
+
+GroupNorm instead of BatchNorm keeps every trainable network Opacus-compatible and independent
+of batch composition (a site's batches are small and non-IID).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(min(8, cout // 4) or 1, cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ConvNet(nn.Module):
+    """Images resized to ``input_size`` -> a stride-8 feature map -> pooled -> ``out_dim``.
+
+    ``features`` exposes the last feature map (8×8 at 64 px) for Grad-CAM identity saliency.
+    """
+
+    def __init__(self, input_size: int, out_dim: int, width: int = 32) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.body = nn.Sequential(
+            conv_block(1, width, 2),
+            conv_block(width, width),
+            conv_block(width, 2 * width, 2),
+            conv_block(2 * width, 2 * width),
+            conv_block(2 * width, 4 * width, 2),
+            conv_block(4 * width, 4 * width),
+        )
+        self.head = nn.Linear(4 * width, out_dim)
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.input_size:
+            return x
+        return F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                             antialias=True, align_corners=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.resize(x))
+
+    def pool_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool_head(self.features(x))

@@ -1,0 +1,1 @@
+"""Differential privacy (central accounting, local DP-SGD with Opacus) and transport certificates."""
