@@ -35,7 +35,7 @@ def save_checkpoint(path: str | Path, cfg: Config, *, shared: dict[str, torch.Te
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
-        "versions": {"fedeid": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"fedeid": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
         "image_size": cfg.data.image_size,
         "level_range": [cfg.train.level_min, cfg.train.level_max],
         "modalities": list(modalities),
@@ -55,7 +55,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not a fedeid checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
