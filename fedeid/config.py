@@ -99,6 +99,7 @@ class EvalConfig:
     attacker_epochs: int = 12
     adaptive_epochs: int = 4
     classifier_epochs: int = 12
+    classifier_size: int = 64  # the finding classifier sees images resized to this
 
 
 @dataclass

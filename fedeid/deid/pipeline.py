@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoint
 from fedeid.config import Config
@@ -21,6 +22,14 @@ from fedeid.io import InputError
 from fedeid.models.deid_model import DeIdModel, load_shared_state, shared_state
 from fedeid.models.reid import ReIDNet
 from fedeid.train import as_tensor, resolve_device
+
+
+def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of [B, 1, H, W] (one helper for every size change)."""
+    size = (size, size) if isinstance(size, int) else size
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 class DeIdentifier:
@@ -75,18 +84,27 @@ class DeIdentifier:
             raise ValueError(f"level must lie in [0, 1], got {level}")
 
     @torch.no_grad()
-    def deidentify_tensor(self, x: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, 1, S, S] in [0, 1] on any device -> (de-identified, mask) on this device."""
+    def deidentify_tensor(self, x: torch.Tensor, level: float,
+                          compensate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1, S, S] in [0, 1] on any device -> (de-identified, mask) on this device.
+
+        ``compensate=False`` is the "blocking without compensation" baseline: blocked patches
+        get the image's mean intensity instead of synthesised content.
+        """
         self._check_level(level)
         x = x.to(self.device)
         scores = patch_scores(self.reid.saliency(x), self.image_size, self.cfg.model.patch_size)
         mask = block_mask(scores, level, self.image_size, self.cfg.model.patch_size)
         if not bool(mask.any()):
             return x.clone(), mask
-        out, _, _ = self.model(x, mask)
+        if compensate:
+            out, _, _ = self.model(x, mask)
+        else:
+            out = mask * x.mean(dim=(1, 2, 3), keepdim=True) + (1 - mask) * x
         return out.clamp(0, 1), mask
 
-    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16,
+                   compensate: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """images float32 [N, S, S] in [0, 1] -> (de-identified float32 [N, S, S], blocked mask bool)."""
         images = np.asarray(images)
         if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
@@ -95,10 +113,28 @@ class DeIdentifier:
         outs, masks = [], []
         x_all = as_tensor(images)
         for i in range(0, len(x_all), batch_size):
-            out, mask = self.deidentify_tensor(x_all[i:i + batch_size], level)
+            out, mask = self.deidentify_tensor(x_all[i:i + batch_size], level, compensate)
             outs.append(out.cpu())
             masks.append(mask.cpu())
         if not outs:
             return images.astype(np.float32), np.zeros(images.shape, dtype=bool)
         return (torch.cat(outs)[:, 0].numpy().astype(np.float32),
                 torch.cat(masks)[:, 0].numpy() > 0.5)
+
+    def deidentify_native(self, image: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+        """One image [H, W] in [0, 1] at its own resolution -> (de-identified [H, W], mask [H, W]).
+
+        The network runs at its own size; the result is composed at native resolution: blocked
+        pixels come from the upsampled synthesis, visible pixels stay the native ones, so nothing
+        outside the blocked patches loses resolution (and level 0 returns the input exactly).
+        """
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 2:
+            raise ValueError(f"expected one grey image [H, W], got shape {image.shape}")
+        x = torch.from_numpy(image)[None, None]
+        small = resize(x, self.image_size)
+        out, mask = self.deidentify_tensor(small, level)
+        h, w = image.shape
+        mask_native = F.interpolate(mask.cpu(), size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
+        synth = resize(out.cpu(), (h, w))[0, 0].numpy().clip(0, 1)
+        return np.where(mask_native, synth, image).astype(np.float32), mask_native
