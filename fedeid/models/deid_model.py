@@ -64,8 +64,8 @@ def cfg_findings(cfg: Config) -> tuple[str, ...]:
 
 
 def shared_state(model: DeIdModel) -> dict[str, torch.Tensor]:
-    """Exactly the decoupler and decoder tensors: the only thing a site sends."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(SHARED_PREFIXES)}
+    """Exactly the decoupler and decoder tensors (copies, never views of live weights): what a site sends."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(SHARED_PREFIXES)}
 
 
 def load_shared_state(model: DeIdModel, state: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,52 @@
+"""Identity blocking: the blocked fraction is the level, and the most salient patches go first."""
+
+import pytest
+import torch
+
+from fedeid.deid.blocking import block_mask, patch_grid, patch_scores
+
+
+@pytest.mark.parametrize("level", [0.0, 0.1, 0.25, 0.5, 0.73, 1.0])
+def test_blocked_fraction_matches_level(level):
+    scores = torch.rand(5, 64)
+    mask = block_mask(scores, level, image_size=64, patch_size=8)
+    assert mask.shape == (5, 1, 64, 64)
+    frac = mask.flatten(1).mean(1)
+    # round(level * P) patches of P = 64: within half a patch of the level
+    assert torch.all((frac - level).abs() <= 0.5 / 64 + 1e-6)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_most_salient_patches_are_blocked_first():
+    scores = torch.arange(16, dtype=torch.float32)[None]  # patch 15 most identity-relevant
+    mask = block_mask(scores, 0.25, image_size=32, patch_size=8)  # 4 of 16 patches
+    blocked = mask[0, 0, ::8, ::8].flatten()
+    assert blocked.tolist() == [0.0] * 12 + [1.0] * 4
+
+
+def test_blocking_is_nested_as_level_rises():
+    scores = torch.rand(3, 64)
+    masks = [block_mask(scores, lv, 64, 8) for lv in (0.2, 0.4, 0.6, 0.8)]
+    for lo, hi in zip(masks, masks[1:]):
+        assert torch.all(hi >= lo)
+
+
+def test_per_image_levels():
+    scores = torch.rand(2, 16)
+    mask = block_mask(scores, torch.tensor([0.0, 1.0]), 16, 4)
+    assert mask[0].sum() == 0 and mask[1].mean() == 1
+
+
+def test_patch_scores_average_saliency_per_patch():
+    sal = torch.zeros(1, 1, 4, 4)
+    sal[0, 0, 0, 0] = 1.0
+    scores = patch_scores(sal, image_size=16, patch_size=4)
+    assert scores.shape == (1, 16)
+    assert int(scores.argmax()) == 0
+
+
+def test_bad_levels_and_patch_sizes_are_refused():
+    with pytest.raises(ValueError, match="level"):
+        block_mask(torch.rand(1, 16), 1.5, 16, 4)
+    with pytest.raises(ValueError, match="divide"):
+        patch_grid(64, 7)

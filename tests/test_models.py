@@ -1,0 +1,132 @@
+"""Networks, shared state, training loop, checkpoint round trip and the DeIdentifier."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedeid.config import preset
+from fedeid.data.imageset import ImageSet
+from fedeid.deid.pipeline import DeIdentifier
+from fedeid.io import InputError
+from fedeid.models import build_deid_model, load_shared_state, shared_state
+from fedeid.models.encoder import EfficientNetLite0Features, build_encoder
+from fedeid.train import train_deid, train_reid
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return preset("test")
+
+
+@pytest.fixture(scope="module")
+def data(cfg):
+    rng = np.random.default_rng(0)
+    n = 12
+    return ImageSet(rng.random((n, 64, 64), dtype=np.float32), np.repeat(np.arange(4), 3),
+                    (rng.random((n, 4)) < 0.4).astype(np.float32), ("nodule", "effusion", "cardiomegaly", "opacity"),
+                    np.zeros(n, dtype=np.int64))
+
+
+def test_pretrained_encoder_loads_real_weights_and_is_frozen():
+    enc = build_encoder("efficientnet-lite0", 64)
+    random = EfficientNetLite0Features()
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert not enc.training
+    # the packaged ImageNet weights, not an initialisation
+    assert not torch.allclose(enc._conv_stem.weight, random._conv_stem.weight)
+    feats = enc(torch.rand(2, 1, 64, 64))
+    assert feats.shape == (2, 112, 4, 4)
+
+
+def test_frozen_encoder_passes_gradients_to_its_input():
+    enc = build_encoder("efficientnet-lite0", 64)
+    x = torch.rand(1, 1, 64, 64, requires_grad=True)
+    enc(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_shared_state_is_exactly_decoupler_and_decoder(cfg):
+    model = build_deid_model(cfg)
+    state = shared_state(model)
+    assert state and all(k.startswith(("decoupler.", "decoder.")) for k in state)
+    expected = {f"decoupler.{k}" for k in model.decoupler.state_dict()} | {
+        f"decoder.{k}" for k in model.decoder.state_dict()}
+    assert set(state) == expected
+    other = build_deid_model(cfg)
+    load_shared_state(other, state)
+    assert all(torch.equal(v, shared_state(other)[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="non-shared"):
+        load_shared_state(other, {"encoder._bn0.weight": torch.ones(32)})
+
+
+def test_training_moves_only_shared_weights_and_reports_every_loss(cfg, data):
+    reid = train_reid(data, cfg, epochs=1)
+    model = build_deid_model(cfg)
+    enc_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    before = shared_state(model)
+    metrics = train_deid(model, reid, data, cfg, epochs=1, proximal_mu=0.1, global_state=before)
+    after = shared_state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in enc_before.items())
+    for term in ("rec", "fill", "sem", "med", "id", "rate", "indep", "adv", "idcode"):
+        assert np.isfinite(metrics[term]), term
+    assert metrics["num_examples"] == len(data)
+
+
+def test_deidentifier_is_deterministic_and_keeps_visible_pixels(cfg, data):
+    d = DeIdentifier.build(cfg)
+    out0, mask0 = d.deidentify(data.images, 0.0)
+    assert np.array_equal(out0, data.images) and not mask0.any()
+    out, mask = d.deidentify(data.images, 0.5)
+    again, _ = d.deidentify(data.images, 0.5)
+    assert out.shape == data.images.shape and out.dtype == np.float32
+    assert np.array_equal(out, again)
+    assert np.array_equal(out[~mask], data.images[~mask])
+    assert abs(mask.mean() - 0.5) < 0.02
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_deidentifier_refuses_wrong_sizes_and_levels(cfg):
+    d = DeIdentifier.build(cfg)
+    with pytest.raises(ValueError, match="expected images"):
+        d.deidentify(np.zeros((1, 32, 32), np.float32), 0.5)
+    with pytest.raises(ValueError, match="level"):
+        d.deidentify(np.zeros((1, 64, 64), np.float32), 1.2)
+
+
+def test_checkpoint_round_trip_is_self_describing(cfg, data, tmp_path):
+    d = DeIdentifier.build(cfg)
+    path = tmp_path / "model.pt"
+    d.save(path, extra={"round": 3})
+    loaded = DeIdentifier.load(path)
+    assert loaded.cfg == cfg and loaded.image_size == 64 and loaded.level_range == (0.0, 1.0)
+    assert loaded.modalities == ("CR", "DX")
+    a, _ = d.deidentify(data.images, 0.7)
+    b, _ = loaded.deidentify(data.images, 0.7)
+    assert np.array_equal(a, b)
+    raw = torch.load(path, weights_only=True)
+    assert raw["versions"]["fedeid"] and raw["extra"] == {"round": 3}
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    missing = tmp_path / "none.pt"
+    with pytest.raises(InputError, match="none.pt: checkpoint not found"):
+        DeIdentifier.load(missing)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(InputError, match="garbage.pt: not a readable checkpoint"):
+        DeIdentifier.load(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(1)}, foreign)
+    with pytest.raises(InputError, match="not a fedeid checkpoint"):
+        DeIdentifier.load(foreign)
+
+
+def test_native_resolution_composition(cfg):
+    d = DeIdentifier.build(cfg)
+    image = np.random.default_rng(1).random((150, 97), dtype=np.float32)
+    out, mask = d.deidentify_native(image, 0.0)
+    assert np.array_equal(out, image)
+    out, mask = d.deidentify_native(image, 0.6)
+    assert out.shape == image.shape and 0.5 < mask.mean() < 0.7
+    assert np.array_equal(out[~mask], image[~mask])
