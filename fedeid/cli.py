@@ -19,6 +19,7 @@ from fedeid.io import InputError
 COMMAND_MODULES = (
     "fedeid.data.commands",
     "fedeid.commands",
+    "fedeid.dicom.commands",
 )
 
 

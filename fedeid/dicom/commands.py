@@ -1,0 +1,128 @@
+"""``fedeid dicom ...``: de-identify DICOM folders, make a site secret."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from fedeid.dicom.pipeline import MANIFEST_NAME, DicomDeidentifier
+from fedeid.dicom.profile import ProfileOptions
+from fedeid.dicom.pseudonyms import Keyring, load_secret, new_secret_file
+from fedeid.io import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "dicom",
+        help="de-identify DICOM: pixels by the model, headers by the PS3.15 Annex E profile",
+        description="DICOM in, de-identified DICOM out.",
+    )
+    sub = parser.add_subparsers(dest="dicom_command", metavar="ACTION", required=True)
+
+    deid = sub.add_parser(
+        "deid",
+        help="de-identify a folder of DICOM files into a mirrored folder",
+        description=(
+            "Read IN recursively (never modifying it), write de-identified copies into OUT with the "
+            "same tree, and a manifest. With --model and --level the pixels of each image go through "
+            "the de-identification model (modalities it was not trained for and colour images are "
+            "refused); without them only the header is de-identified (files with Burned In "
+            "Annotation YES are then refused). Headers follow the Basic Application Level "
+            "Confidentiality Profile of PS3.15 Annex E with the options chosen below."
+        ),
+    )
+    deid.add_argument("input", metavar="IN", help="folder of DICOM files (any depth, any file names)")
+    deid.add_argument("output", metavar="OUT", help="output folder (created; must be outside IN)")
+    deid.add_argument("--model", metavar="CKPT", help="de-identification checkpoint: pixel mode")
+    deid.add_argument("--level", type=float, help="privacy level in [0, 1] (pixel mode)")
+    deid.add_argument(
+        "--secret-file",
+        required=True,
+        metavar="FILE",
+        help="site secret keying UIDs, pseudonyms and date shifts (create with `fedeid dicom keygen`)",
+    )
+    deid.add_argument(
+        "--retain-dates",
+        choices=("full", "modified"),
+        help="Retain Longitudinal Temporal Information: full dates, or dates shifted per patient",
+    )
+    deid.add_argument("--retain-patient-characteristics", action="store_true", help="keep age, sex, size, weight, ...")
+    deid.add_argument("--retain-device-identity", action="store_true", help="keep device serial numbers, station names")
+    deid.add_argument("--retain-institution-identity", action="store_true", help="keep institution name and address")
+    deid.add_argument("--retain-uids", action="store_true", help="keep the original UIDs")
+    deid.add_argument(
+        "--clean-descriptors",
+        action="store_true",
+        help="keep descriptions and comments with this file's identifying values erased from them",
+    )
+    deid.add_argument(
+        "--safe-private",
+        metavar="CSV",
+        help="Retain Safe Private: rows 'private creator,group hex,element hex' (e.g. 'ACME 1.1,0019,10')",
+    )
+    deid.add_argument("--manifest", metavar="PATH", help=f"manifest path (default OUT/{MANIFEST_NAME})")
+    deid.add_argument("--device", default="auto", help="torch device for the model (default auto)")
+    deid.add_argument("--batch-size", type=int, default=16, help="frames per model batch")
+    deid.add_argument("--no-progress", action="store_true", help="no progress bar")
+    deid.set_defaults(func=_deid)
+
+    keygen = sub.add_parser("keygen", help="create a site secret file (keep it off the outputs)")
+    keygen.add_argument("path", metavar="FILE")
+    keygen.set_defaults(func=_keygen)
+
+
+def read_safe_private(path: str | Path) -> frozenset[tuple[str, int, int]]:
+    """Parse a safe-private list; each row names one private element by creator and offset."""
+    p = Path(path)
+    entries = set()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(p, f"cannot read: {exc.strerror or exc}") from exc
+    for n, row in enumerate(csv.reader(line for line in lines if line.strip() and not line.startswith("#")), 1):
+        try:
+            creator, group, element = (c.strip() for c in row)
+            g, e = int(group, 16), int(element, 16)
+        except ValueError as exc:
+            raise InputError(p, f"row {n}: expected 'creator,group hex,element hex', got {row}") from exc
+        if not g & 1 or not 0 <= e <= 0xFFFF:
+            raise InputError(p, f"row {n}: group {group} is not a private (odd) group")
+        entries.add((creator.upper(), g, e & 0xFF))
+    return frozenset(entries)
+
+
+def _deid(args: argparse.Namespace) -> int:
+    options = ProfileOptions(
+        retain_long_full_dates=args.retain_dates == "full",
+        retain_long_modified_dates=args.retain_dates == "modified",
+        retain_patient_characteristics=args.retain_patient_characteristics,
+        retain_device_identity=args.retain_device_identity,
+        retain_institution_identity=args.retain_institution_identity,
+        retain_uids=args.retain_uids,
+        clean_descriptors=args.clean_descriptors,
+        safe_private=read_safe_private(args.safe_private) if args.safe_private else frozenset(),
+    )
+    if (args.model is None) != (args.level is None):
+        raise ValueError("pixel mode needs both --model and --level; leave both out for header-only mode")
+    keyring = Keyring(load_secret(args.secret_file))
+    model = None
+    if args.model is not None:
+        from fedeid.deid.pipeline import DeIdentifier
+
+        model = DeIdentifier.load(args.model, device=args.device)
+    runner = DicomDeidentifier(options, keyring, model=model, level=args.level, batch_size=args.batch_size)
+    summary = runner.run(args.input, args.output, manifest=args.manifest, progress=not args.no_progress)
+    for record in summary.records:
+        if record.status in ("refused", "failed"):
+            print(f"{record.status}: {record.input}: {record.reason}", file=sys.stderr)
+    print(summary.line())
+    print(f"manifest: {args.manifest or Path(args.output) / MANIFEST_NAME}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    new_secret_file(args.path)
+    print(f"site secret written to {args.path} (mode 600); keep it apart from de-identified outputs")
+    return 0
