@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "fedeid.data.commands",
     "fedeid.commands",
     "fedeid.dicom.commands",
+    "fedeid.federated.commands",
 )
 
 

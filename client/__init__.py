@@ -1,0 +1,1 @@
+"""fedeid's Flower ClientApp (a thin shell over :mod:`fedeid.federated.client`)."""

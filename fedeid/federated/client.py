@@ -1,0 +1,276 @@
+"""The ClientApp's logic: one hospital's local training and local evaluation.
+
+``client/app.py`` is a thin shell over :func:`handle_train` and :func:`handle_evaluate`.
+
+A site's data comes from its node config: ``data`` (a CSV of images with patient ids and
+findings, or a folder holding one, read by :func:`fedeid.data.loaders.load_csv`) or, without
+it, the synthetic benchmark's site ``site-id`` (simulation: ``partition-id``). The site keeps,
+in its state folder (node config ``state-dir``, else ``<fedeid.state-dir>/site-<id>``):
+
+* ``reid.pt`` — its ReID network, trained once on its own patients and reused every round (a
+  fedeid checkpoint holding only ``reid_state``; ``DeIdentifier.load(global.pt, reid=...)``
+  reads it). It never leaves the site.
+* ``privacy_ledger.json`` — under local DP, the Opacus accountant history of every DP-SGD step
+  taken on this site's data, so ε accumulates across rounds (and runs, and restarts); mirrored
+  in ``context.state``.
+
+A train reply holds exactly the decoupler/decoder arrays and scalar metrics (see
+:mod:`fedeid.federated.arrays`); an evaluate reply holds scalar metrics only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedeid.config import Config
+from fedeid.data.imageset import ImageSet
+from fedeid.federated.arrays import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, record_to_state, scalar_metrics,
+                                     spec_of, spec_problems, state_to_record)
+from fedeid.federated.runconfig import RunOptions, config_from_run, run_options
+from fedeid.io import InputError, atomic_write_json
+from fedeid.privacy.accountant import History, history_from_flat, history_to_flat
+
+log = logging.getLogger("fedeid.federated")
+
+LEDGER = "privacy_ledger.json"
+REID = "reid.pt"
+_DATA_CACHE: dict[str, ImageSet] = {}
+
+
+# ----------------------------------------------------------------------------- site resources
+
+def site_id(context: Context) -> int:
+    nc = context.node_config
+    for key in ("site-id", "partition-id"):
+        if key in nc and nc[key] != "":
+            return int(nc[key])
+    return 0
+
+
+def site_dir(context: Context, opts: RunOptions, site: int) -> Path:
+    explicit = context.node_config.get("state-dir")
+    if explicit:
+        path = Path(str(explicit)).expanduser()
+    elif opts.state_dir:
+        path = Path(opts.state_dir).expanduser() / f"site-{site}"
+    else:
+        path = Path.cwd() / "fedeid-sites" / f"site-{site}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _csv_of(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("labels.csv", "data.csv", "index.csv"):
+            if (path / name).is_file():
+                return path / name
+        csvs = sorted(path.glob("*.csv"))
+        if len(csvs) == 1:
+            return csvs[0]
+        raise InputError(path, "data folder must hold labels.csv (or exactly one .csv)")
+    raise InputError(path, "no such data file or folder")
+
+
+def site_data(cfg: Config, context: Context, site: int) -> ImageSet:
+    """This site's images: its ``data`` CSV/folder, or the synthetic benchmark's site ``site``."""
+    data_path = str(context.node_config.get("data", "") or "")
+    key = _fingerprint(site, data_path, cfg.data)
+    if key not in _DATA_CACHE:
+        if data_path:
+            from fedeid.data.loaders import load_csv
+
+            data, errors = load_csv(_csv_of(Path(data_path).expanduser()), cfg.data.image_size)
+            for err in errors[:20]:
+                log.warning("site %d: skipped %s", site, err)
+        else:
+            from fedeid.data.synthetic import generate_site
+
+            data = generate_site(cfg.data, site)
+        if len(data) == 0:
+            raise InputError(data_path or f"synthetic site {site}", "no usable images")
+        _DATA_CACHE.clear()  # one site per process: keep memory flat
+        _DATA_CACHE[key] = data
+    return _DATA_CACHE[key]
+
+
+def reid_fingerprint(cfg: Config, data: ImageSet) -> str:
+    return _fingerprint(cfg.data, cfg.model.reid_size, cfg.model.reid_dim, cfg.train.seed, cfg.train.reid_epochs,
+                        cfg.train.lr, cfg.train.batch_size, len(data),
+                        hashlib.sha256(np.ascontiguousarray(data.images[:8]).tobytes()).hexdigest())
+
+
+def site_reid(cfg: Config, data: ImageSet, sdir: Path, site: int) -> Any:
+    """The site's ReID network: loaded from ``reid.pt`` if trained for this data/config, else trained."""
+    from fedeid.checkpoint import load_checkpoint, save_checkpoint
+    from fedeid.models.reid import ReIDNet
+    from fedeid.train import train_reid
+
+    path = sdir / REID
+    fp = reid_fingerprint(cfg, data)
+    if path.exists():
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt["extra"].get("site_reid", {}).get("fingerprint") == fp and ckpt["reid_state"] is not None:
+                net = ReIDNet(cfg.model.reid_size, cfg.model.reid_dim)
+                net.load_state_dict(ckpt["reid_state"])
+                return net.eval()
+            log.info("site %d: %s was trained for other data/config: retraining", site, path)
+        except (InputError, RuntimeError, KeyError) as exc:
+            log.warning("site %d: cannot reuse %s (%s): retraining", site, path, exc)
+    t0 = time.perf_counter()
+    net = train_reid(data, cfg)
+    save_checkpoint(path, cfg, reid=net.state_dict(),
+                    extra={"site_reid": {"site": site, "fingerprint": fp, "images": len(data),
+                                         "patients": int(len(np.unique(data.patient_ids))),
+                                         "train_seconds": time.perf_counter() - t0}})
+    return net
+
+
+# ----------------------------------------------------------------------------- privacy ledger
+
+def load_ledger(context: Context, sdir: Path) -> History:
+    path = sdir / LEDGER
+    if path.exists():
+        try:
+            return [tuple(h) for h in json.loads(path.read_text())["history"]]  # type: ignore[misc]
+        except (ValueError, KeyError) as exc:
+            raise InputError(path, f"unreadable privacy ledger: {exc}") from exc
+    rec = context.state.config_records.get("fedeid-local-dp")
+    return history_from_flat(rec["history"]) if rec is not None and "history" in rec else []  # type: ignore[arg-type]
+
+
+def save_ledger(context: Context, sdir: Path, history: History, delta: float, epsilon: float) -> None:
+    atomic_write_json(sdir / LEDGER, {"history": [list(h) for h in history], "delta": delta, "epsilon": epsilon,
+                                      "note": "Opacus RDP history (noise_multiplier, sample_rate, steps) of "
+                                              "every DP-SGD step on this site's data"})
+    context.state["fedeid-local-dp"] = ConfigRecord({"history": history_to_flat(history), "epsilon": float(epsilon)})
+
+
+# ----------------------------------------------------------------------------- handlers
+
+def _setup(msg: Message, context: Context) -> tuple[Config, RunOptions, int, Path, ImageSet]:
+    cfg = config_from_run(dict(context.run_config))
+    opts = run_options(dict(context.run_config))
+    torch.set_num_threads(opts.threads)
+    site = site_id(context)
+    sdir = site_dir(context, opts, site)
+    return cfg, opts, site, sdir, site_data(cfg, context, site)
+
+
+def _global_model(cfg: Config, msg: Message) -> tuple[Any, dict[str, torch.Tensor]]:
+    from fedeid.models.deid_model import build_deid_model, load_shared_state, shared_state
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_deid_model(cfg)
+    incoming = msg.content.array_records.get(ARRAYS_KEY)
+    if incoming is None:
+        raise ValueError("message carries no 'arrays' record")
+    problems = spec_problems(incoming, spec_of(shared_state(model)))
+    if problems:
+        raise ValueError("global arrays do not fit this site's model: " + "; ".join(problems[:5]))
+    state = record_to_state(incoming)
+    load_shared_state(model, state)
+    return model, state
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train the received decoupler + decoder on this site's data; reply with them and scalars."""
+    from fedeid.models.deid_model import shared_state
+    from fedeid.privacy.local import make_private
+    from fedeid.train import train_deid
+
+    t0 = time.perf_counter()
+    cfg, opts, site, sdir, data = _setup(msg, context)
+    reid = site_reid(cfg, data, sdir, site)
+    model, state = _global_model(cfg, msg)
+    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    mu = float(conf.get("proximal-mu", 0.0))  # type: ignore[arg-type]
+    epochs = int(conf.get("local-epochs", cfg.fed.local_epochs))  # type: ignore[arg-type]
+    private = make_private(cfg, load_ledger(context, sdir))
+    try:
+        metrics: dict[str, Any] = train_deid(model, reid, data, cfg, epochs, private=private, proximal_mu=mu,
+                                             global_state=state if mu > 0 else None)
+    finally:
+        if private is not None:
+            private.close()
+    if private is not None:
+        eps = private.epsilon()
+        save_ledger(context, sdir, private.history, cfg.privacy.delta, eps)
+        metrics.update(epsilon=eps, dp_steps=private.steps_this_round, dp_delta=cfg.privacy.delta)
+    metrics.update(site_id=site, handler_seconds=time.perf_counter() - t0,
+                   round=int(conf.get("server-round", 0)))  # type: ignore[arg-type]
+    content = RecordDict({ARRAYS_KEY: state_to_record(shared_state(model)), METRICS_KEY: scalar_metrics(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def local_figures(deidentifier: Any, data: ImageSet, level: float, max_images: int = 256) -> dict[str, float]:
+    """Privacy/utility on the site's own data with the site's own networks (no training).
+
+    Privacy: the site's ReID network as attacker — P@1 of de-identified images (each patient's
+    second half) against the originals of the first half, and the same for the originals.
+    Utility: macro AUC of the decoupler's finding head read from the de-identified images
+    (medical content that survives), and on the originals. Quality: SSIM.
+    """
+    from fedeid.eval.metrics import macro_auc, reid_metrics, ssim
+    from fedeid.eval.report import split_gallery
+    from fedeid.train import as_tensor, batched
+
+    if len(data) > max_images:
+        keep = np.flatnonzero(np.isin(data.patient_ids, np.unique(data.patient_ids)[: max(2, max_images // 4)]))
+        data = data.subset(keep[:max_images])
+    out, mask = deidentifier.deidentify(data.images, level)
+    gallery, queries = split_gallery(data)
+    dev = deidentifier.device
+    reid = deidentifier.reid
+    model = deidentifier.model
+    emb_orig = batched(reid, as_tensor(data.images), dev).numpy()
+    emb_deid = batched(reid, as_tensor(out), dev).numpy()
+    ids = data.patient_ids
+
+    def finding_scores(images: np.ndarray) -> np.ndarray:
+        fn = lambda x: model.decoupler.finding_logits(model.decoupler(model.encode(x)).mu)  # noqa: E731
+        return torch.sigmoid(batched(fn, as_tensor(images), dev)).numpy()
+
+    figures: dict[str, float] = {"eval_level": float(level), "blocked_fraction": float(mask.mean())}
+    if len(queries):
+        p_deid = reid_metrics(emb_deid[queries], ids[queries], emb_orig[gallery], ids[gallery])
+        p_orig = reid_metrics(emb_orig[queries], ids[queries], emb_orig[gallery], ids[gallery])
+        figures.update(local_p_at_1=p_deid["p_at_1"], local_p_at_1_original=p_orig["p_at_1"],
+                       local_chance_p_at_1=p_deid["chance_p_at_1"])
+    try:
+        figures["local_utility_auc"] = macro_auc(data.labels, finding_scores(out))
+        figures["local_utility_auc_original"] = macro_auc(data.labels, finding_scores(data.images))
+    except ValueError:  # a finding with one class only at this site
+        pass
+    figures["local_ssim"] = ssim(out, data.images)
+    return {k: float(v) for k, v in figures.items() if v is not None and np.isfinite(v)}
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Local privacy/utility figures of the received global model with this site's ReID."""
+    from fedeid.deid.pipeline import DeIdentifier
+
+    t0 = time.perf_counter()
+    cfg, opts, site, sdir, data = _setup(msg, context)
+    reid = site_reid(cfg, data, sdir, site)
+    model, _ = _global_model(cfg, msg)
+    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    level = float(conf.get("eval-level", opts.eval_level))  # type: ignore[arg-type]
+    figures = local_figures(DeIdentifier.from_models(model, reid, cfg, device=cfg.train.device), data, level)
+    figures.update(num_examples=len(data), site_id=site, handler_seconds=time.perf_counter() - t0)
+    return Message(RecordDict({METRICS_KEY: scalar_metrics(figures)}), reply_to=msg)

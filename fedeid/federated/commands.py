@@ -1,0 +1,225 @@
+"""``fedeid simulate`` (the main job) and ``fedeid certs``.
+
+``fedeid simulate --preset quick --out reports/main`` trains fedeid federatedly over the
+synthetic hospitals of the preset with Flower's simulation runtime, then evaluates the global
+model — with site 0's own ReID network, as site 0 would use it — on the held-out patients through
+the same evaluation as ``fedeid evaluate`` (:func:`fedeid.eval.benchmark.evaluate_and_report`),
+and writes into ``--out``: ``results.json`` + ``privacy_utility.png`` (the report),
+``federated.json`` (per-round metrics, bytes, timings, ε), ``federated_rounds.png``, and
+``federation/`` (round checkpoints, ``global.pt``, each site's ``reid.pt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedeid.io import atomic_write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from fedeid.commands import add_config_args
+
+    p = sub.add_parser(
+        "simulate", help="federated training over simulated hospitals (Flower), then the report",
+        description="Train the decoupler + decoder with Flower over N synthetic hospitals (non-IID sites; "
+                    "each trains its own ReID network, only decoupler/decoder weights travel), optionally "
+                    "with central or local differential privacy, then evaluate the global model on the "
+                    "held-out patients and write the report (JSON + PNG) into --out.")
+    add_config_args(p)
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--engine", choices=("flwr", "inprocess"), default="flwr",
+                   help="flwr: Flower simulation runtime (SuperLink + Ray, default); inprocess: same apps "
+                        "called in this process, no Ray")
+    p.add_argument("--sites", type=int, help="number of simulated hospitals (data.n_sites)")
+    p.add_argument("--rounds", type=int, help="federated rounds (fed.rounds)")
+    p.add_argument("--privacy", choices=("none", "central", "local"), help="differential privacy (privacy.mode)")
+    p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier (privacy.noise_multiplier)")
+    p.add_argument("--resume", action="store_true", help="continue from the last round checkpoint in --out")
+    p.add_argument("--no-report", action="store_true", help="train only; skip the held-out evaluation")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "certs", help="create a CA, the SuperLink TLS certificate and SuperNode keys",
+        description="Write ca.crt/ca.key, server.pem/server.key (for flower-superlink --ssl-*) and one "
+                    "ECDSA P-384 OpenSSH key pair per SuperNode (for --auth-supernode-private-key and "
+                    "`flwr supernode register`) into --out.")
+    p.add_argument("--out", required=True, type=Path, help="folder for the certificates and keys")
+    p.add_argument("--nodes", type=int, default=3, help="number of SuperNode key pairs (default 3)")
+    p.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
+                   help="a name or IP the SuperLink is reached at (repeatable; default 127.0.0.1, ::1, localhost)")
+    p.add_argument("--force", action="store_true", help="replace an existing set")
+    p.set_defaults(func=certs_command)
+
+
+def certs_command(args: argparse.Namespace) -> int:
+    from fedeid.privacy.certs import DEFAULT_HOSTS, create_certificates
+
+    hosts = args.host or list(DEFAULT_HOSTS)
+    b = create_certificates(args.out, n_nodes=args.nodes, hosts=hosts, overwrite=args.force)
+    print(f"CA:                 {b.ca_cert}  (keep {b.ca_key.name} offline)")
+    print(f"SuperLink:          {b.server_cert}, {b.server_key}  (valid for {', '.join(hosts)})")
+    for priv, pub in zip(b.node_keys, b.node_public_keys):
+        print(f"SuperNode key:      {priv}  (register {pub.name})")
+    print("\nflower-superlink --disable-runtime-dependency-installation --enable-supernode-auth \\\n"
+          f"  --ssl-ca-certfile {b.ca_cert} --ssl-certfile {b.server_cert} --ssl-keyfile {b.server_key}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from fedeid.commands import config_from_args
+
+    cfg = config_from_args(args)
+    if args.sites is not None:
+        cfg.set("data.n_sites", args.sites)
+    if args.rounds is not None:
+        cfg.set("fed.rounds", args.rounds)
+    if args.privacy is not None:
+        cfg.set("privacy.mode", args.privacy)
+    if args.noise_multiplier is not None:
+        cfg.set("privacy.noise_multiplier", args.noise_multiplier)
+    cfg.fed.num_supernodes = cfg.data.n_sites
+    cfg.fed.min_clients = min(cfg.fed.min_clients, cfg.data.n_sites)
+    return cfg
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedeid.federated.simulation import simulate
+
+    cfg = _config(args)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"federated simulation: {cfg.data.n_sites} sites, {cfg.fed.rounds} rounds x {cfg.fed.local_epochs} "
+          f"local epochs, {cfg.fed.strategy}, privacy={cfg.privacy.mode}, engine={args.engine}", file=sys.stderr)
+    fed = simulate(cfg, out, engine=args.engine, resume=args.resume)
+    fed_summary = federated_summary(fed, cfg)
+    atomic_write_json(out / "federated.json", {**fed, "summary_table": fed_summary})
+    plot_rounds(fed, out / "federated_rounds.png")
+    print_fed_summary(fed_summary)
+    if args.no_report:
+        return 0
+    report = evaluate_global(cfg, fed, out)
+    print(f"report: {out / 'results.json'}  plots: {out / 'privacy_utility.png'}, {out / 'federated_rounds.png'}")
+    return 0 if report else 1
+
+
+def evaluate_global(cfg: Any, fed: dict[str, Any], out: Path, site: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The held-out evaluation of the global model with site ``site``'s ReID (fedeid.eval)."""
+    from fedeid.data.imageset import ImageSet
+    from fedeid.data.synthetic import generate
+    from fedeid.deid.pipeline import DeIdentifier
+    from fedeid.eval.benchmark import evaluate_and_report
+
+    sites, test = generate(cfg.data)
+    deid = DeIdentifier.load(fed["paths"]["global"], reid=fed["paths"]["site_reid"][site], device=cfg.train.device)
+    eval_cfg = copy.deepcopy(cfg)
+    eval_cfg.eval.baselines = tuple(b for b in cfg.eval.baselines if b != "no_decoupler")
+    return evaluate_and_report(deid, ImageSet.concat(sites), test, eval_cfg, out,
+                               extra={"mode": "federated", "reid_site": site,
+                                      "federated": federated_summary(fed, cfg)},
+                               progress=progress)
+
+
+def federated_summary(fed: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """Bytes per round vs the full model, round overhead vs local training, ε: the README figures."""
+    rounds = fed.get("rounds", [])
+    if not rounds:
+        return {}
+    last = rounds[-1]
+    b = last["bytes"]
+    per_round = [r["bytes"]["down"] + r["bytes"]["up"] for r in rounds]
+    sec = [r["seconds"] for r in rounds]
+
+    def mean(key: str) -> float | None:
+        vals = [s[key] for s in sec if s.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out = {
+        "sites": cfg.data.n_sites, "rounds": len(rounds), "engine": fed.get("engine"),
+        "shared_bytes_per_site_each_way": b["shared_bytes"],
+        "full_model_bytes": b["full_model_bytes"],
+        "shared_fraction_of_full_model": b["shared_bytes"] / b["full_model_bytes"],
+        "bytes_per_round_all_sites": sum(per_round) / len(per_round),
+        "bytes_per_round_if_full_model": 2 * b["full_model_bytes"] * (last.get("sampled") or cfg.data.n_sites),
+        "round_seconds_mean": mean("round"),
+        "train_phase_seconds_mean": mean("train_phase"),
+        "client_train_seconds_mean": mean("client_train_mean"),
+        "client_train_seconds_max_mean": mean("client_train_max"),
+        "client_handler_seconds_max_mean": mean("client_handler_max"),
+        "evaluate_phase_seconds_mean": mean("evaluate_phase"),
+        "wall_seconds": fed.get("wall_seconds"),
+        "failures": sum(int(r.get("failures") or 0) for r in rounds),
+    }
+    tp, ct = out["train_phase_seconds_mean"], out["client_train_seconds_max_mean"]
+    if tp and ct:
+        out["train_phase_overhead_seconds"] = tp - ct
+        out["train_phase_overhead_fraction"] = (tp - ct) / tp
+    s = fed.get("summary", {})
+    if s.get("central_dp"):
+        out["central_dp"] = s["central_dp"]
+    if s.get("local_dp"):
+        out["local_dp"] = s["local_dp"]
+    return out
+
+
+def print_fed_summary(s: dict[str, Any]) -> None:
+    if not s:
+        return
+    mb = 1024 ** 2
+    print(f"sent per site and direction: {s['shared_bytes_per_site_each_way'] / mb:.2f} MB "
+          f"({100 * s['shared_fraction_of_full_model']:.1f} % of the full de-identifier, "
+          f"{s['full_model_bytes'] / mb:.2f} MB); per round, all sites: {s['bytes_per_round_all_sites'] / mb:.2f} MB")
+    if s.get("round_seconds_mean") is not None:
+        print(f"round: {s['round_seconds_mean']:.1f} s; train phase {s['train_phase_seconds_mean']:.1f} s of which "
+              f"slowest site's local training {s['client_train_seconds_max_mean'] or 0:.1f} s")
+    if s.get("central_dp"):
+        print(f"central DP: epsilon={s['central_dp']['epsilon']:.2f} at delta={s['central_dp']['delta']:g}")
+    if s.get("local_dp"):
+        print(f"local DP: per-site epsilon {s['local_dp']['per_site_epsilon']}")
+
+
+def plot_rounds(fed: dict[str, Any], path: Path) -> None:
+    """Per-round training losses, local evaluation figures and ε."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedeid.io import atomic_save
+
+    rounds = fed.get("rounds", [])
+    if not rounds:
+        return
+    x = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key in ("rec", "sem", "med", "id"):
+        y = [(r.get("train_metrics") or {}).get(key) for r in rounds]
+        if any(v is not None for v in y):
+            axes[0].plot(x, [v if v is not None else float("nan") for v in y], marker="o", label=key)
+    axes[0].set(title="training losses (site mean)", xlabel="round")
+    axes[0].legend(fontsize=8)
+    for key, label in (("local-p-at-1", "local ReID P@1 (de-id)"), ("local-utility-auc", "local finding AUC (de-id)"),
+                       ("local-ssim", "SSIM")):
+        y = [(r.get("evaluate_metrics") or {}).get(key) for r in rounds]
+        if any(v is not None for v in y):
+            axes[1].plot(x, [v if v is not None else float("nan") for v in y], marker="o", label=label)
+    axes[1].set(title="sites' local evaluation", xlabel="round", ylim=(0, 1.02))
+    axes[1].legend(fontsize=8)
+    eps_c = [r.get("central_dp", {}).get("epsilon") for r in rounds]
+    eps_l = [r.get("local_dp", {}).get("epsilon_max") for r in rounds]
+    if any(e is not None for e in eps_c):
+        axes[2].plot(x, eps_c, marker="o", label="central DP ε (client level)")
+    if any(e is not None for e in eps_l):
+        axes[2].plot(x, eps_l, marker="s", label="local DP ε (max over sites)")
+    if not any(e is not None for e in eps_c + eps_l):
+        axes[2].bar(x, [r["seconds"]["round"] for r in rounds], label="round seconds")
+        axes[2].set(title="round time", xlabel="round", ylabel="s")
+    else:
+        axes[2].set(title="privacy spent", xlabel="round", ylabel="ε")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)

@@ -1,0 +1,169 @@
+"""The ServerApp's logic: rounds of train + evaluate, per-round metrics and checkpoints, resume.
+
+``server/app.py`` is a thin shell that calls :func:`run_server`. The round loop is Flower's
+``Strategy.start`` loop written out, because fedeid needs what ``start`` has not: a checkpoint
+after every round, resuming at round k+1 from the checkpoint of round k (``fedeid.resume``),
+and per-round bookkeeping (bytes, timings, per-site metrics, ε). The strategy methods it calls
+are Flower's (:mod:`fedeid.federated.strategy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid
+
+from fedeid.config import Config
+from fedeid.federated.arrays import record_to_state, spec_of, state_nbytes, state_to_record
+from fedeid.federated.checkpoints import RunDir, check_resumable
+from fedeid.federated.runconfig import RunOptions, config_from_run, run_options
+from fedeid.federated.strategy import make_strategy
+from fedeid.models.deid_model import build_deid_model, shared_state
+from fedeid.privacy.accountant import CentralAccountant
+
+log = logging.getLogger("fedeid.federated")
+
+RoundHook = Callable[[int, dict[str, Any]], None]
+
+
+def run_server(grid: Grid, context: Context) -> dict[str, Any]:
+    """Entry point of the ServerApp: the run config names the Config and the run options."""
+    cfg = config_from_run(dict(context.run_config))
+    opts = run_options(dict(context.run_config))
+    return run_federation(grid, cfg, opts)
+
+
+def initial_model(cfg: Config) -> torch.nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    return build_deid_model(cfg)
+
+
+def full_model_bytes(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
+    """Sizes for the bytes-per-round comparison: what is sent vs the whole de-identifier."""
+    from fedeid.models.reid import ReIDNet
+
+    shared = state_nbytes(shared_state(model))  # type: ignore[arg-type]
+    everything = state_nbytes(model.state_dict())
+    reid = state_nbytes(ReIDNet(cfg.model.reid_size, cfg.model.reid_dim).state_dict())
+    return {"shared_bytes": shared, "deid_model_bytes": everything, "reid_bytes": reid,
+            "full_model_bytes": everything + reid}
+
+
+def _client_stat(clients: list[dict[str, Any]], key: str, fn: Callable[[list[float]], float]) -> float | None:
+    vals = [float(c[key]) for c in clients if key in c]
+    return fn(vals) if vals else None
+
+
+def run_federation(grid: Grid, cfg: Config, opts: RunOptions, *, on_round_end: RoundHook | None = None
+                   ) -> dict[str, Any]:
+    """Run (or resume) ``cfg.fed.rounds`` rounds; returns the summary also written to metrics.json."""
+    torch.set_num_threads(max(1, opts.threads))
+    run_dir = RunDir(opts.out_dir)
+    model = initial_model(cfg)
+    state = shared_state(model)
+    expected = spec_of(state)
+    sizes = full_model_bytes(cfg, model)
+    start, history, acc_state = 1, [], None
+    if opts.resume:
+        last = run_dir.last()
+        if last is None:
+            log.warning("resume asked but %s holds no finished round: starting at round 1", run_dir.root)
+        else:
+            check_resumable(last["checkpoint"]["config_obj"], cfg, last["path"])
+            state = {k: v.clone() for k, v in last["checkpoint"]["shared_state"].items()}
+            if spec_of(state) != expected:
+                raise ValueError(f"{last['path']}: checkpoint arrays do not match the model")
+            start, history, acc_state = last["round"] + 1, last["history"], last["central_dp"]
+            log.info("resuming after round %d from %s", last["round"], last["path"])
+    accountant = None
+    if cfg.privacy.mode == "central":
+        accountant = (CentralAccountant.from_state(acc_state) if acc_state
+                      else CentralAccountant(cfg.privacy.noise_multiplier, cfg.privacy.delta))
+    strategy = make_strategy(cfg, expected, min_replies=opts.min_replies, accountant=accountant,
+                             evaluate=opts.evaluate)
+    arrays = state_to_record(state)
+    t_run = time.perf_counter()
+    for server_round in range(start, cfg.fed.rounds + 1):
+        log.info("[ROUND %d/%d]", server_round, cfg.fed.rounds)
+        t0 = time.perf_counter()
+        train_cfg = ConfigRecord({"local-epochs": int(cfg.fed.local_epochs)})
+        messages = strategy.configure_train(server_round, arrays, train_cfg, grid)
+        replies = list(grid.send_and_receive(messages, timeout=opts.round_timeout))
+        t_train = time.perf_counter() - t0
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        t_agg = time.perf_counter() - t0 - t_train
+        eval_metrics = None
+        t_eval = 0.0
+        if opts.evaluate:
+            t1 = time.perf_counter()
+            ecfg = ConfigRecord({"eval-level": float(opts.eval_level)})
+            emsgs = strategy.configure_evaluate(server_round, arrays, ecfg, grid)
+            ereplies = list(grid.send_and_receive(emsgs, timeout=opts.round_timeout))
+            eval_metrics = strategy.aggregate_evaluate(server_round, ereplies)
+            t_eval = time.perf_counter() - t1
+        info = strategy.round_info.get(server_round, {})  # type: ignore[attr-defined]
+        clients = info.get("clients", [])
+        handler_max = _client_stat(clients, "handler-seconds", max)
+        row: dict[str, Any] = {
+            "round": server_round,
+            "aggregated": bool(info.get("aggregated", False)),
+            "sampled": info.get("sampled"), "available": info.get("available"),
+            "valid_replies": info.get("valid", 0), "failures": info.get("failures", 0),
+            "rejected": info.get("rejected", []),
+            "train_metrics": dict(train_metrics) if train_metrics is not None else None,
+            "evaluate_metrics": dict(eval_metrics) if eval_metrics is not None else None,
+            "clients": clients,
+            "evaluate_clients": info.get("evaluate_clients", []),
+            "bytes": {"down": info.get("bytes_down", 0), "up": info.get("bytes_up", 0),
+                      "per_client_each_way": info.get("array_bytes", 0), **sizes},
+            "seconds": {
+                "train_phase": t_train, "aggregate": t_agg, "evaluate_phase": t_eval,
+                "round": time.perf_counter() - t0,
+                "client_train_max": _client_stat(clients, "train-seconds", max),
+                "client_train_mean": _client_stat(clients, "train-seconds", lambda v: float(np.mean(v))),
+                "client_handler_max": handler_max,
+                # what the federation adds on top of the slowest site's work in the train phase
+                "overhead": (t_train - handler_max) if handler_max is not None else None,
+            },
+        }
+        if "central_dp" in info:
+            row["central_dp"] = info["central_dp"]
+        local_eps = [c["epsilon"] for c in clients if "epsilon" in c]
+        if local_eps:
+            row["local_dp"] = {"epsilon_max": max(local_eps), "delta": cfg.privacy.delta,
+                               "per_site": {str(int(c.get("site-id", c["node"]))): c["epsilon"]
+                                            for c in clients if "epsilon" in c}}
+        history.append(row)
+        run_dir.save_round(cfg, server_round, record_to_state(arrays), history,
+                           accountant.state_dict() if accountant is not None else None)
+        log.info("round %d: %d/%s valid replies, %.1fs", server_round, row["valid_replies"], row["sampled"],
+                 row["seconds"]["round"])
+        if on_round_end is not None:
+            on_round_end(server_round, row)
+    summary = {
+        "rounds": cfg.fed.rounds, "resumed_from": start - 1 if start > 1 else None,
+        "seconds_this_process": time.perf_counter() - t_run, "bytes": sizes,
+        "central_dp": ({"epsilon": accountant.epsilon(), "delta": accountant.delta, "releases": accountant.rounds}
+                       if accountant is not None else None),
+        "local_dp": _last_local(history),
+    }
+    final_state = record_to_state(arrays)
+    run_dir.write_metrics(cfg, history, summary)
+    run_dir.save_final(cfg, final_state, {"rounds": cfg.fed.rounds, "summary": summary})
+    log.info("global model: %s", run_dir.global_path)
+    return {"summary": summary, "history": history, "global": str(run_dir.global_path)}
+
+
+def _last_local(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    per_site: dict[str, float] = {}
+    for row in history:
+        per_site.update(row.get("local_dp", {}).get("per_site", {}))
+    return {"per_site_epsilon": per_site, "epsilon_max": max(per_site.values())} if per_site else None

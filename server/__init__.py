@@ -1,0 +1,1 @@
+"""fedeid's Flower ServerApp (a thin shell over :mod:`fedeid.federated.server`)."""
