@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 # Cosine similarities equal after rounding to this many decimals are ties: identical embeddings
@@ -197,32 +196,42 @@ def psnr(a: Any, b: Any, data_range: float = 1.0) -> float:
     return float(np.mean(psnr_per_image(a, b, data_range)))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_band(n: int, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """[n, n - size + 1] matrix whose product with a signal is its 'valid' Gaussian filtering."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    band = torch.zeros(n, n - size + 1, dtype=torch.float64)
+    for k in range(n - size + 1):
+        band[k:k + size, k] = g
+    return band
 
 
-def ssim_per_image(a: Any, b: Any, data_range: float = 1.0) -> np.ndarray:
+def ssim_per_image(a: Any, b: Any, data_range: float = 1.0, chunk: int = 64) -> np.ndarray:
     """SSIM of each image pair (Wang et al., IEEE TIP 2004), the mean of its SSIM map.
 
     Local means, variances and covariance are weighted by an 11×11 Gaussian window (σ = 1.5),
     ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, and the map covers the 'valid' region only (no
-    padding), the standard definition. Computed in float64 with ``conv2d``.
+    padding), the standard definition. The window is the outer product of two 1-D Gaussians, so
+    it is applied as two banded matrix products (the same sums as the 2-D convolution; float64
+    matmul runs on BLAS, several times faster than float64 ``conv2d`` on CPU), to ``chunk``
+    images at a time to bound memory.
     """
-    x, y = _as_batch(a, b)
-    if min(x.shape[-2:]) < 11:
-        raise ValueError(f"SSIM needs images of at least 11×11, got {tuple(x.shape[-2:])}")
-    w = _gaussian_window()
-    x, y = x[:, None], y[:, None]
-    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
-    var_x = F.conv2d(x * x, w) - mu_x**2
-    var_y = F.conv2d(y * y, w) - mu_y**2
-    cov = F.conv2d(x * y, w) - mu_x * mu_y
+    x_all, y_all = _as_batch(a, b)
+    h, w = x_all.shape[-2:]
+    if min(h, w) < 11:
+        raise ValueError(f"SSIM needs images of at least 11×11, got {(h, w)}")
+    band_h, band_w = _gaussian_band(h), _gaussian_band(w)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1).numpy()
+    out = []
+    for start in range(0, len(x_all), chunk):
+        x, y = x_all[start:start + chunk], y_all[start:start + chunk]
+        stack = torch.stack([x, y, x * x, y * y, x * y])
+        mu_x, mu_y, e_xx, e_yy, e_xy = band_h.T @ (stack @ band_w)
+        var_x, var_y, cov = e_xx - mu_x**2, e_yy - mu_y**2, e_xy - mu_x * mu_y
+        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+        out.append(ssim_map.flatten(1).mean(1))
+    return torch.cat(out).numpy()
 
 
 def ssim(a: Any, b: Any, data_range: float = 1.0) -> float:

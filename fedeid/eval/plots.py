@@ -127,7 +127,7 @@ def pareto_dominance(
     *,
     utility_tol: float = 0.0,
     p_tol: float = 0.0,
-    trivial_point: tuple[float, float] | None = None,
+    trivial_points: Sequence[tuple[float, float]] = (),
 ) -> dict[str, Any]:
     """Does privacy–utility curve a lie on or above curve b? Points are ``(p_at_1, utility)``.
 
@@ -142,10 +142,12 @@ def pareto_dominance(
     when ``margin >= -utility_tol``. When ``p`` is below a's smallest P@1 the point is
     *uncovered* and fails: b reached a privacy a did not, which no extrapolation of a may excuse.
 
-    ``trivial_point`` (e.g. ``(chance_p_at_1, 0.5)``) is added to a's points: any method can
-    reach it by discarding the image, so a baseline that reaches chance privacy only by
-    destroying all utility does not count against a. Non-finite points of either curve are
-    skipped and counted.
+    ``trivial_points`` are added to a's points: operating points every method has for free, so a
+    baseline must not win on them. Pass ``(chance_p_at_1, 0.5)`` (discard the image: a baseline
+    reaching chance privacy only by destroying all utility does not count against a) and
+    ``(p_at_1_original, utility_auc_original)`` (release the original: an image baseline's
+    level 0 *is* the original, which a reconstructing de-identifier matches only up to its
+    reconstruction error). Non-finite points of either curve are skipped and counted.
 
     Returns ``{"dominates": bool, "verdict": str, "min_margin": float (nan if no covered point),
     "n_failed": int, "n_uncovered": int, "n_skipped": int, "utility_tol", "p_tol",
@@ -154,8 +156,8 @@ def pareto_dominance(
     """
     a = np.asarray(curve_a, dtype=float).reshape(-1, 2)
     b = np.asarray(curve_b, dtype=float).reshape(-1, 2)
-    if trivial_point is not None:
-        a = np.vstack([a, np.asarray(trivial_point, dtype=float).reshape(1, 2)])
+    if len(trivial_points):
+        a = np.vstack([a, np.asarray(trivial_points, dtype=float).reshape(-1, 2)])
     a_ok, b_ok = np.isfinite(a).all(1), np.isfinite(b).all(1)
     n_skipped = int((~a_ok).sum() + (~b_ok).sum())
     a, b = a[a_ok], b[b_ok]
