@@ -17,8 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,27 +300,23 @@ def run_cli(args: list[str], env: Mapping[str, str], *, cwd: str | os.PathLike[s
     return result
 
 
-def run_config_args(run_config: Mapping[str, Any] | None) -> list[str]:
-    """``--run-config`` arguments; values are written as TOML literals (strings quoted)."""
-    if not run_config:
-        return []
-    out = []
-    for k, v in run_config.items():
-        if isinstance(v, bool):
-            lit = "true" if v else "false"
-        elif isinstance(v, (int, float)):
-            lit = repr(v)
-        else:
-            lit = json.dumps(str(v))
-        out += ["--run-config", f'"{k}"={lit}' if "." in k else f"{k}={lit}"]
-    return out
+def write_run_config(run_config: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Run-config overrides as a TOML file: ``flwr run --run-config FILE.toml`` takes any string
+    (JSON, paths with spaces) that the ``key=value`` form cannot."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in run_config.items()}))
+    return path
 
 
 def flwr_run(app_dir: str | os.PathLike[str], connection: str, env: Mapping[str, str], *,
              run_config: Mapping[str, Any] | None = None, federation_config: Mapping[str, Any] | None = None,
              timeout: float = 600.0, stream: bool = True) -> subprocess.CompletedProcess[str]:
     """``flwr run APP CONNECTION --stream``: returns when the run has finished (or raises on timeout)."""
-    args = [_exe("flwr"), "run", str(app_dir), connection, *run_config_args(run_config)]
+    args = [_exe("flwr"), "run", str(app_dir), connection]
+    if run_config:
+        home = Path(env.get("FLWR_HOME", tempfile.gettempdir()))
+        args += ["--run-config", str(write_run_config(run_config, home / f"run-config-{uuid.uuid4().hex[:8]}.toml"))]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
     if stream:
