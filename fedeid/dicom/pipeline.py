@@ -327,7 +327,8 @@ def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax:
-        return UID(syntax)
+        # Deflate is inflated: few readers (dciodvfy among them) take it, and it is lossless.
+        return ExplicitVRLittleEndian if UID(syntax).is_deflated else UID(syntax)
     implicit, little = ds.original_encoding
     if implicit:
         return ImplicitVRLittleEndian

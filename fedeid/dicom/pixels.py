@@ -161,6 +161,8 @@ def deidentify_pixels(ds: Dataset, model: PixelModel, level: float, batch_size: 
     """
     source_syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     stored = np.asarray(ds.pixel_array)
+    # Big-endian sources decode to a big-endian dtype; the output is little endian.
+    stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     frames = stored.reshape(n_frames, stored.shape[-2], stored.shape[-1]) if stored.ndim == 3 else stored[None]
     rows, cols = frames.shape[-2:]

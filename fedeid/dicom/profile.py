@@ -95,6 +95,11 @@ CLASS_UID_TAGS = frozenset(
     }
 )
 
+# X/Z sequences that are Type 2 wherever their module is used (Acquisition Context Module,
+# PS3.3 C.7.6.14): emptied, not removed. The only other X/Z sequence, Referenced Study Sequence,
+# is Type 3 (General Study Module) and is removed.
+TYPE2_XZ_SEQUENCES = frozenset({0x00400555})
+
 # Values collected from a dataset to erase from free text under the C (clean) action.
 IDENTIFYING_KEYWORDS = (
     "PatientName",
@@ -130,7 +135,7 @@ _DUMMY: dict[str, Any] = {
     "AS": "000D",
     "IS": "0",
     "DS": "0",
-    "UR": "",
+    "UR": "urn:deidentified",
     "US": 0,
     "SS": 0,
     "UL": 0,
@@ -223,15 +228,16 @@ def load_table() -> tuple[Rule, ...]:
 
 
 def resolve(rule: Rule, options: ProfileOptions) -> str:
-    """The one concrete action (``X Z D U K C`` or ``KS`` keep-and-clean-sequence) for a row."""
+    """The one concrete action for a row: ``X Z D U K C``, ``XZ`` (X/Z: a sequence is removed, any
+    other attribute emptied) or ``KS`` (keep a sequence and clean its items)."""
     chosen = [rule.options[o] for o in options.enabled if o in rule.options]
     action = "K" if "K" in chosen else "C" if "C" in chosen else chosen[0] if chosen else rule.basic
     if action == "X/Z/U*":
         return "KS"
     if "D" in action.split("/"):
         return "D"
-    if action in ("Z", "X/Z"):
-        return "Z"
+    if action == "X/Z":
+        return "XZ"
     return action
 
 
@@ -331,6 +337,8 @@ class HeaderProfile:
         for tag in list(ds.keys()):
             group, elem = tag >> 16, tag & 0xFFFF
             if group & 1:
+                if 0x10 <= elem <= 0xFF:
+                    continue  # a private creator: decided below, once its block is known
                 if self._keep_private(ds, tag, group, elem):
                     private_keep.add(tag)
                     private_keep.add((group << 16) | (elem >> 8))
@@ -388,22 +396,25 @@ class HeaderProfile:
             return
         vr = self._vr(ds, tag)
         if vr == "SQ":
-            if action == "Z":
+            if action == "XZ" and tag not in TYPE2_XZ_SEQUENCES:
+                # X or Z: removing a Type 3 sequence is valid where an empty one is an error.
+                del ds[tag]
+            elif action == "XZ":
+                ds[tag].value = Sequence()
+            elif action == "Z":
                 ds[tag].value = Sequence()
             else:  # K, KS, C, D, U on a sequence: keep it, clean what is inside
                 for item in ds[tag].value:
                     self._clean(item, ctx)
             return
-        if action == "K":
-            if vr == "UI" and not self.options.retain_uids and tag not in CLASS_UID_TAGS:
-                self._unlisted(ds, tag, ctx)
+        if action == "K":  # an option the site chose keeps this attribute, UIDs included
             return
         elem = ds[tag]
         if tag == 0x00100020 and action in ("D", "Z"):  # Patient ID: the keyed pseudonym
             _set(elem, [ctx.pseudonym] if ctx.pseudonym else [])
         elif tag == 0x00100010 and action in ("D", "Z"):  # Patient's Name: same pseudonym
             _set(elem, [ctx.pseudonym] if ctx.pseudonym else [])
-        elif action == "Z":
+        elif action in ("Z", "XZ"):
             elem.value = None
         elif vr == "UI" and action in ("U", "D"):
             _set(elem, [self.keys.uid(str(v)) for v in _values(elem.value) if str(v)])
