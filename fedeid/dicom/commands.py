@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deid.add_argument("--manifest", metavar="PATH", help=f"manifest path (default OUT/{MANIFEST_NAME})")
     deid.add_argument("--device", default="auto", help="torch device for the model (default auto)")
     deid.add_argument("--batch-size", type=int, default=16, help="frames per model batch")
+    deid.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes for header-only mode (default: one per CPU); pixel mode uses one",
+    )
     deid.add_argument("--no-progress", action="store_true", help="no progress bar")
     deid.set_defaults(func=_deid)
 
@@ -113,7 +120,9 @@ def _deid(args: argparse.Namespace) -> int:
 
         model = DeIdentifier.load(args.model, device=args.device)
     runner = DicomDeidentifier(options, keyring, model=model, level=args.level, batch_size=args.batch_size)
-    summary = runner.run(args.input, args.output, manifest=args.manifest, progress=not args.no_progress)
+    summary = runner.run(
+        args.input, args.output, manifest=args.manifest, progress=not args.no_progress, workers=args.workers
+    )
     for record in summary.records:
         if record.status in ("refused", "failed"):
             print(f"{record.status}: {record.input}: {record.reason}", file=sys.stderr)

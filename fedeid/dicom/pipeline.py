@@ -12,11 +12,15 @@ an accession number) is replaced by its keyed mapping, so the manifest holds no 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import re
 import time
 import uuid
 import warnings
 from collections import Counter
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from fedeid.dicom.pseudonyms import Keyring
 from fedeid.io import atomic_write_bytes, atomic_write_json
 
 MANIFEST_NAME = "fedeid-manifest.json"
+WRITER_THREADS = 4
 STATUSES = ("deidentified", "refused", "failed", "skipped")
 _UID_COMPONENT = re.compile(r"^(\d+(?:\.\d+){2,})(\.[A-Za-z][A-Za-z0-9]{0,4})?$")
 _UID_IN_TEXT = re.compile(r"\d+(?:\.\d+){3,}")
@@ -121,6 +126,11 @@ class DicomDeidentifier:
     # -- one file ---------------------------------------------------------------------------
     def process(self, src: Path, rel: Path, out_root: Path) -> FileRecord:
         """De-identify one file into ``out_root``; never raises for a bad file."""
+        record, payload = self.prepare(src, rel)
+        return record if payload is None else _write(record, payload, out_root)
+
+    def prepare(self, src: Path, rel: Path) -> tuple[FileRecord, bytes | None]:
+        """The manifest row of one file and, if it was de-identified, the bytes to write."""
         identifiers: set[str] = set()
         safe_rel = self.safe_path(rel, identifiers)
         try:
@@ -130,23 +140,37 @@ class DicomDeidentifier:
                 identifiers = collect_identifiers(ds)
                 safe_rel = self.safe_path(rel, identifiers)
                 if _is_dicomdir(ds):
-                    return FileRecord(
-                        str(safe_rel),
-                        "",
-                        "skipped",
+                    reason = (
                         "DICOMDIR: a media index listing patients and studies; not copied "
-                        "(build a new one over the outputs if media need it)",
+                        "(build a new one over the outputs if media need it)"
                     )
+                    return FileRecord(str(safe_rel), "", "skipped", reason), None
                 data = self._deidentify(ds)
         except Refused as exc:
-            return FileRecord(str(safe_rel), "", "refused", self._scrub(str(exc), identifiers, src, safe_rel))
+            return FileRecord(str(safe_rel), "", "refused", self._scrub(str(exc), identifiers, src, safe_rel)), None
         except Failed as exc:
-            return FileRecord(str(safe_rel), "", "failed", self._scrub(str(exc), identifiers, src, safe_rel))
+            return FileRecord(str(safe_rel), "", "failed", self._scrub(str(exc), identifiers, src, safe_rel)), None
         except Exception as exc:  # any other fault of this file: report it, go on with the batch
             reason = f"{type(exc).__name__}: {exc}"
-            return FileRecord(str(safe_rel), "", "failed", self._scrub(reason, identifiers, src, safe_rel))
-        atomic_write_bytes(out_root / safe_rel, data.payload)
-        return FileRecord(str(safe_rel), str(safe_rel), "deidentified", "", data.frames, data.blocked)
+            return FileRecord(str(safe_rel), "", "failed", self._scrub(reason, identifiers, src, safe_rel)), None
+        record = FileRecord(str(safe_rel), str(safe_rel), "deidentified", "", data.frames, data.blocked)
+        return record, data.payload
+
+    def records(self, jobs: Iterable[tuple[Path, Path, Path]]) -> Iterator[FileRecord]:
+        """Process ``(src, rel, out_root)`` jobs in order, writing on background threads.
+
+        Each output is fsynced before its rename (fedeid.io); a few writer threads let that wait
+        overlap the parsing of the next files instead of adding to it.
+        """
+        with ThreadPoolExecutor(WRITER_THREADS) as io_pool:
+            pending: deque[Future[FileRecord] | FileRecord] = deque()
+            for src, rel, out_root in jobs:
+                record, payload = self.prepare(src, rel)
+                pending.append(record if payload is None else io_pool.submit(_write, record, payload, out_root))
+                while pending and (len(pending) > 2 * WRITER_THREADS or _ready(pending[0])):
+                    yield _result(pending.popleft())
+            while pending:
+                yield _result(pending.popleft())
 
     def _deidentify(self, ds: Dataset) -> _Output:
         if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
@@ -231,8 +255,14 @@ class DicomDeidentifier:
         out_dir: str | Path,
         manifest: str | Path | None = None,
         progress: bool = True,
+        workers: int = 1,
     ) -> RunSummary:
-        """De-identify every file under ``in_dir`` into ``out_dir`` and write the manifest."""
+        """De-identify every file under ``in_dir`` into ``out_dir`` and write the manifest.
+
+        ``workers`` > 1 spreads header-only runs over that many processes: the work is per file
+        and independent, and each worker's fsync then overlaps the others' parsing. Pixel mode
+        stays in this process, where the model already uses torch's threads.
+        """
         src_root = Path(in_dir).resolve()
         out_root = Path(out_dir).resolve()
         if not src_root.is_dir():
@@ -242,8 +272,22 @@ class DicomDeidentifier:
         files = sorted(p for p in src_root.rglob("*") if p.is_file() and not p.is_symlink())
         summary = RunSummary()
         start = time.perf_counter()
-        for path in tqdm(files, desc=f"dicom de-id ({self.mode})", unit="file", disable=not progress):
-            summary.records.append(self.process(path, path.relative_to(src_root), out_root))
+        jobs = [(path, path.relative_to(src_root), out_root) for path in files]
+        bar = tqdm(total=len(jobs), desc=f"dicom de-id ({self.mode})", unit="file", disable=not progress)
+        if workers > 1 and self.model is None and len(jobs) > workers:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            size = max(1, min(32, len(jobs) // (4 * workers)))
+            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(self,)) as pool:
+                for chunk in pool.map(_work, chunks):
+                    summary.records.extend(chunk)
+                    bar.update(len(chunk))
+        else:
+            for record in self.records(jobs):
+                summary.records.append(record)
+                bar.update()
+        bar.close()
         summary.seconds = time.perf_counter() - start
         atomic_write_json(Path(manifest) if manifest else out_root / MANIFEST_NAME, self.manifest(summary))
         return summary
@@ -264,6 +308,35 @@ class DicomDeidentifier:
             "seconds": round(summary.seconds, 3),
             "files": [asdict(r) for r in summary.records],
         }
+
+
+_WORKER: DicomDeidentifier | None = None
+
+
+def _init_worker(runner: DicomDeidentifier) -> None:
+    global _WORKER
+    _WORKER = runner
+
+
+def _work(jobs: list[tuple[Path, Path, Path]]) -> list[FileRecord]:
+    assert _WORKER is not None, "worker used before its initializer ran"
+    return list(_WORKER.records(jobs))
+
+
+def _write(record: FileRecord, payload: bytes, out_root: Path) -> FileRecord:
+    try:
+        atomic_write_bytes(out_root / record.output, payload)
+    except OSError as exc:
+        return FileRecord(record.input, "", "failed", f"cannot write the output: {exc.strerror or exc}")
+    return record
+
+
+def _ready(item: Future[FileRecord] | FileRecord) -> bool:
+    return not isinstance(item, Future) or item.done()
+
+
+def _result(item: Future[FileRecord] | FileRecord) -> FileRecord:
+    return item.result() if isinstance(item, Future) else item
 
 
 @dataclass

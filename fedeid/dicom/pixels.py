@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -136,6 +134,11 @@ class _ModalityLut:
 
 
 def _resize(batch: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    # torch is imported here, not at module level: header-only runs (and their worker processes)
+    # never touch pixels and start faster without it.
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
     if mode == "nearest":
         out = F.interpolate(t, size=size, mode="nearest")

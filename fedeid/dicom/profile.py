@@ -468,11 +468,21 @@ class _Context:
 
 
 def _scrubber(identifiers: set[str]) -> Any:
-    """A function erasing every identifier (longest first, case-insensitive) from a text."""
+    """A function erasing every identifier (longest first, case-insensitive) from a text.
+
+    The pattern is compiled on first use: most files under most options clean no text at all.
+    """
     if not identifiers:
         return lambda s: s
-    pattern = re.compile("|".join(re.escape(s) for s in sorted(identifiers, key=len, reverse=True)), re.IGNORECASE)
-    return lambda s: pattern.sub("***", s)
+    compiled: list[re.Pattern[str]] = []
+
+    def scrub(text: str) -> str:
+        if not compiled:
+            alternatives = "|".join(re.escape(s) for s in sorted(identifiers, key=len, reverse=True))
+            compiled.append(re.compile(alternatives, re.IGNORECASE))
+        return compiled[0].sub("***", text)
+
+    return scrub
 
 
 def _dummy(vr: str) -> Any:
