@@ -423,3 +423,34 @@ def test_worker_processes_write_the_same_outputs_as_one_process(corpus, tmp_path
     for record in one.records:
         if record.status == "deidentified":
             assert (tmp_path / "one" / record.output).read_bytes() == (tmp_path / "two" / record.output).read_bytes()
+
+
+def test_cli_pixel_mode_at_level_one_cleans_burned_in_pixels(tmp_path, capsys) -> None:
+    from fedeid.config import preset
+    from fedeid.deid.pipeline import DeIdentifier
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    ckpt = tmp_path / "model.pt"
+    DeIdentifier.build(preset("test"), device="cpu").save(ckpt)  # trained for CR and DX
+    src = tmp_path / "in"
+    src.mkdir()
+    cr = next(Path(p) for p in CORPUS if p.name == "6154")  # a MONOCHROME1 CR of the dicomdir tests
+    ds = pydicom.dcmread(cr)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(src / "cr.dcm")
+    shutil.copyfile(pydicom.data.get_testdata_file("MR_small.dcm"), src / "mr.dcm")
+    secret = tmp_path / "key"
+    secret.write_text(SECRET.hex())
+    for level in ("0.5", "1"):
+        args = parser.parse_args(["dicom", "deid", str(src), str(tmp_path / f"out{level}"), "--model", str(ckpt),
+                                  "--level", level, "--secret-file", str(secret), "--device", "cpu", "--no-progress"])
+        assert args.func(args) == 0
+    rows = {r["input"]: r for r in json.loads((tmp_path / "out1" / MANIFEST_NAME).read_text())["files"]}
+    assert rows["mr.dcm"]["status"] == "refused" and "modality MR" in rows["mr.dcm"]["reason"]
+    assert rows["cr.dcm"]["status"] == "deidentified" and rows["cr.dcm"]["blocked_fraction"] == 1.0
+    out = pydicom.dcmread(tmp_path / "out1" / "cr.dcm")
+    assert "113101" in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert out.BurnedInAnnotation == "NO" and out.PhotometricInterpretation == "MONOCHROME1"
+    half = json.loads((tmp_path / "out0.5" / MANIFEST_NAME).read_text())["files"]
+    assert {r["input"]: r["status"] for r in half}["cr.dcm"] == "refused"

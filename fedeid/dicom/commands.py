@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deid.add_argument("--model", metavar="CKPT", help="de-identification checkpoint: pixel mode")
     deid.add_argument("--level", type=float, help="privacy level in [0, 1] (pixel mode)")
     deid.add_argument(
+        "--reid",
+        metavar="CKPT",
+        help="this site's ReID checkpoint, when --model is a global federated model without one",
+    )
+    deid.add_argument(
         "--secret-file",
         required=True,
         metavar="FILE",
@@ -111,6 +116,8 @@ def _deid(args: argparse.Namespace) -> int:
         clean_descriptors=args.clean_descriptors,
         safe_private=read_safe_private(args.safe_private) if args.safe_private else frozenset(),
     )
+    if args.reid is not None and args.model is None:
+        raise ValueError("--reid goes with --model (pixel mode)")
     if (args.model is None) != (args.level is None):
         raise ValueError("pixel mode needs both --model and --level; leave both out for header-only mode")
     keyring = Keyring(load_secret(args.secret_file))
@@ -118,7 +125,7 @@ def _deid(args: argparse.Namespace) -> int:
     if args.model is not None:
         from fedeid.deid.pipeline import DeIdentifier
 
-        model = DeIdentifier.load(args.model, device=args.device)
+        model = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
     runner = DicomDeidentifier(options, keyring, model=model, level=args.level, batch_size=args.batch_size)
     summary = runner.run(
         args.input, args.output, manifest=args.manifest, progress=not args.no_progress, workers=args.workers
