@@ -86,26 +86,52 @@ def _csv_of(path: Path) -> Path:
     raise InputError(path, "no such data file or folder")
 
 
-def site_data(cfg: Config, context: Context, site: int) -> ImageSet:
-    """This site's images: its ``data`` CSV/folder, or the synthetic benchmark's site ``site``."""
+def site_data(cfg: Config, context: Context, site: int, sdir: Path | None = None) -> ImageSet:
+    """This site's images: its ``data`` CSV/folder, or the synthetic benchmark's site ``site``.
+
+    Synthetic sites are cached in the site's state folder (``synthetic-<key>.npz``): a SuperNode
+    starts a fresh ClientApp process per message, and regenerating a site costs seconds.
+    """
     data_path = str(context.node_config.get("data", "") or "")
     key = _fingerprint(site, data_path, cfg.data)
-    if key not in _DATA_CACHE:
-        if data_path:
-            from fedeid.data.loaders import load_csv
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    if data_path:
+        from fedeid.data.loaders import load_csv
 
-            data, errors = load_csv(_csv_of(Path(data_path).expanduser()), cfg.data.image_size)
-            for err in errors[:20]:
-                log.warning("site %d: skipped %s", site, err)
-        else:
+        data, errors = load_csv(_csv_of(Path(data_path).expanduser()), cfg.data.image_size)
+        for err in errors[:20]:
+            log.warning("site %d: skipped %s", site, err)
+    else:
+        cache = sdir / f"synthetic-{key}.npz" if sdir is not None else None
+        data = _read_npz(cache) if cache is not None and cache.exists() else None
+        if data is None:
             from fedeid.data.synthetic import generate_site
 
             data = generate_site(cfg.data, site)
-        if len(data) == 0:
-            raise InputError(data_path or f"synthetic site {site}", "no usable images")
-        _DATA_CACHE.clear()  # one site per process: keep memory flat
-        _DATA_CACHE[key] = data
-    return _DATA_CACHE[key]
+            if cache is not None:
+                _write_npz(cache, data)
+    if len(data) == 0:
+        raise InputError(data_path or f"synthetic site {site}", "no usable images")
+    _DATA_CACHE.clear()  # one site per process: keep memory flat
+    _DATA_CACHE[key] = data
+    return data
+
+
+def _write_npz(path: Path, data: ImageSet) -> None:
+    from fedeid.io import atomic_save
+
+    atomic_save(path, lambda fh: np.savez(fh, images=data.images, patient_ids=data.patient_ids, labels=data.labels,
+                                          sites=data.sites, finding_names=np.asarray(data.finding_names)))
+
+
+def _read_npz(path: Path) -> ImageSet | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return ImageSet(z["images"], z["patient_ids"], z["labels"], tuple(str(x) for x in z["finding_names"]),
+                            z["sites"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def reid_fingerprint(cfg: Config, data: ImageSet) -> str:
@@ -169,7 +195,7 @@ def _setup(msg: Message, context: Context) -> tuple[Config, RunOptions, int, Pat
     torch.set_num_threads(opts.threads)
     site = site_id(context)
     sdir = site_dir(context, opts, site)
-    return cfg, opts, site, sdir, site_data(cfg, context, site)
+    return cfg, opts, site, sdir, site_data(cfg, context, site, sdir)
 
 
 def _global_model(cfg: Config, msg: Message) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -218,7 +244,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def local_figures(deidentifier: Any, data: ImageSet, level: float, max_images: int = 256) -> dict[str, float]:
+def local_figures(deidentifier: Any, data: ImageSet, level: float, max_images: int = 96) -> dict[str, float]:
     """Privacy/utility on the site's own data with the site's own networks (no training).
 
     Privacy: the site's ReID network as attacker — P@1 of de-identified images (each patient's

@@ -129,6 +129,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and its live descendants (shared pages counted per process)."""
+    return sum(rss_bytes(p) for p in [pid, *descendants(pid)])
+
+
 def kill_tree(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM ``pid`` and every descendant (any session), wait, then SIGKILL what is left."""
     tree = [pid, *descendants(pid)]
@@ -369,6 +384,7 @@ class Deployment:
         self.superlink: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []
         self.port: int | None = None
+        self.peak_rss = 0  # bytes, all our Flower processes together, sampled during run()
 
     @property
     def address(self) -> str:
@@ -411,6 +427,7 @@ class Deployment:
             while not stop.wait(0.5):
                 for p in self.processes():
                     p.remember_tree()
+                self.peak_rss = max(self.peak_rss, sum(tree_rss(p.pid) for p in self.processes() if p.running()))
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()

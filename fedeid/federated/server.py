@@ -130,7 +130,9 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions, *, on_round_end: R
                 "client_train_max": _client_stat(clients, "train-seconds", max),
                 "client_train_mean": _client_stat(clients, "train-seconds", lambda v: float(np.mean(v))),
                 "client_handler_max": handler_max,
-                # what the federation adds on top of the slowest site's work in the train phase
+                "client_train_sum": _client_stat(clients, "train-seconds", sum),
+                "client_handler_sum": _client_stat(clients, "handler-seconds", sum),
+                # beyond the slowest site's whole handler (only meaningful when every site has its own CPU)
                 "overhead": (t_train - handler_max) if handler_max is not None else None,
             },
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,16 +60,20 @@ def simulate(cfg: Config, out_dir: str | Path, *, engine: str = "flwr", resume: 
     if engine == "flwr" and project_dir() is None:
         log.warning("fedeid is not running from its project folder: using the in-process engine")
         engine = "inprocess"
+    peak_rss = None
     if engine == "inprocess":
         _run_inprocess(run_config, n, drop)
     else:
-        _run_flwr(run_config, n, out / "flower", timeout)
+        peak_rss = _run_flwr(run_config, n, out / "flower", timeout)
     wall = time.perf_counter() - t0
     metrics = json.loads((fed_dir / "metrics.json").read_text())
     metrics["paths"] = {"federation": str(fed_dir), "global": str(fed_dir / "global.pt"),
                         "site_reid": [str(fed_dir / "sites" / f"site-{i}" / "reid.pt") for i in range(n)]}
     metrics["engine"] = engine
+    metrics["cpu_slots"] = min(n, os.cpu_count() or 1) if engine == "flwr" else 1
     metrics["wall_seconds"] = wall
+    if peak_rss is not None:
+        metrics["peak_rss_bytes"] = peak_rss  # SuperLink + ServerApp + Ray workers, sampled every 0.5 s
     return metrics
 
 
@@ -82,7 +87,7 @@ def _run_inprocess(run_config: dict[str, Any], n: int, drop: Any) -> None:
     run_federation(grid, config_from_run(run_config), run_options(run_config))
 
 
-def _run_flwr(run_config: dict[str, Any], n: int, workdir: Path, timeout: float) -> None:
+def _run_flwr(run_config: dict[str, Any], n: int, workdir: Path, timeout: float) -> int:
     from fedeid.federated.deploy import Deployment
 
     app = project_dir()
@@ -93,7 +98,9 @@ def _run_flwr(run_config: dict[str, Any], n: int, workdir: Path, timeout: float)
         result = dep.run(app, run_config=run_config, timeout=timeout,
                          federation_config={"num-supernodes": n, "client-resources-num-cpus": 1})
         (workdir / "flwr-run.log").write_text(result.stdout)
+        peak = dep.peak_rss
     fed_dir = Path(str(run_config["fedeid.out-dir"]))
     if not (fed_dir / "global.pt").exists():
         tail = (workdir / "flwr-run.log").read_text()[-3000:]
         raise RuntimeError(f"the Flower run ended without a global model; log tail:\n{tail}")
+    return peak
