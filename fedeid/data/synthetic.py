@@ -267,7 +267,7 @@ class _Layers:
 
     tissue: np.ndarray  # soft tissue, mediastinum, spine, minus tracheal air
     lung: np.ndarray  # lung field mask in [0, 1], without the heart
-    bones: np.ndarray  # ribs and clavicles
+    bones: np.ndarray  # ribs, clavicles, scapulae
     fine: np.ndarray  # vessels + texture, visible where there is air
     side: np.ndarray  # lung coordinate: 0 at the mediastinal border, 1 at the lateral wall
 
@@ -318,7 +318,7 @@ def _splat_lines(segments: np.ndarray, size: int, width_lo: float, width_hi: flo
     return blurred * math.sqrt(2 * math.pi) * sigma_px  # peak ~ 1 on a line
 
 
-def _rib_family(u: np.ndarray, y: np.ndarray, centre: np.ndarray, slope: np.ndarray, y0: float,
+def _rib_family(y: np.ndarray, centre: np.ndarray, slope: np.ndarray, y0: float,
                 sp: float, growth: float, n: int, offset: np.ndarray, thick: np.ndarray,
                 edge: float) -> np.ndarray:
     """Parallel curved bands ``y = y0 + sp * (i + growth * i^2 / 2) + centre(u)``, i < n.
@@ -378,15 +378,15 @@ def _patient_layers(a: Anatomy, size: int) -> _Layers:
         c1, c2, c3 = a.rib_curve
         centre = -c1 * us + c2 * us**2 + c3 * us**3
         slope = -c1 + 2 * c2 * us + 3 * c3 * us**2
-        post = _rib_family(us, Y, centre, slope, a.rib_y0[k], a.rib_sp[k], a.rib_growth, a.rib_n,
+        post = _rib_family(Y, centre, slope, a.rib_y0[k], a.rib_sp[k], a.rib_growth, a.rib_n,
                            a.rib_offset[k], a.rib_thick[k], edge)
         post *= _sig((u - s * a.spine_x - 0.6 * a.spine_w) / edge) * _sig((a.body_w - 0.04 - u) / (2 * edge))
         ant_centre = a.ant_slope * np.maximum(lat + 0.05 - u, 0.0) ** 1.3
-        ant = _rib_family(u, Y, ant_centre, -a.ant_slope * np.ones_like(u), a.rib_y0[k] + 0.30,
+        ant = _rib_family(Y, ant_centre, -a.ant_slope * np.ones_like(u), a.rib_y0[k] + 0.30,
                           a.rib_sp[k] * 1.2, a.rib_growth, a.rib_n - 3, a.rib_offset[k, ::-1],
                           a.rib_thick[k, ::-1] * 0.8, edge)
         ant *= 0.55 * _sig((u - 0.30) / (3 * edge)) * _sig((a.body_w - 0.04 - u) / (2 * edge))
-        # Clavicle: a gently S-bent band rising from the sternal end towards the shoulder.
+        # Clavicle: a gently arched band rising from the sternal end towards the shoulder.
         cy, ang, length, bend = a.clav[k]
         t = (u - 0.07) / (length * math.cos(ang))
         cl_centre = cy - math.tan(ang) * (u - 0.07) - bend * np.sin(np.pi * np.clip(t, 0, 1))
@@ -394,16 +394,16 @@ def _patient_layers(a: Anatomy, size: int) -> _Layers:
         clav = _sig((0.04 - cl_dist) / edge) * 0.15 + 0.07 * np.exp(-(((cl_dist - 0.04) / edge) ** 2))
         clav *= _sig(t * length / edge) * _sig((1.0 - t) * length / edge)
         # Scapula: a faint plate lateral of its medial border, over the upper lateral lung.
-        top, slope, tip = a.scapula[k]
-        border = top + slope * (Y - a.shoulder_y)
-        scap = 0.05 * _sig((u - border) / (1.5 * edge)) * _sig((tip - Y) / (4 * edge)) * _sig((Y - a.shoulder_y) / edge)
+        top, lean, tip = a.scapula[k]
+        border = top + lean * (Y - a.shoulder_y)
+        scap = (0.05 * _sig((u - border) / (1.5 * edge)) * _sig((tip - Y) / (4 * edge))
+                * _sig((Y - a.shoulder_y) / edge))
         # Breast / pectoral soft tissue over the lower zones.
         dens, bx, by, br = a.breast[k]
         tissue += dens * body * _sig((br - np.hypot(u - bx, (Y - by) * 1.3)) / (6 * edge))
         bones += scap * body
         bones += (post + ant) * body * (0.4 + 0.6 * _sig((a.base[k] + 0.03 - Y) / 0.04)) + clav
 
-    hx, hy, hrx, hry, _ = a.heart
     knob = _sig((a.knob[2] - np.hypot(X - a.knob[0], Y - a.knob[1])) / edge)
     lung = np.clip(lung, 0.0, 1.0) * (1.0 - knob)
     fine = 0.08 * _splat_lines(a.vessels, size, 0.016, 0.04) + 0.07 * _splat_lines(a.vessels, size, 0.0, 0.016)
@@ -453,9 +453,9 @@ def _image_density(a: Anatomy, layers: _Layers, r: np.random.Generator, labels: 
         sides = [[0], [1], [0, 1]][int(r.choice(3, p=[0.4, 0.4, 0.2]))]
         for k in sides:
             s = -1.0 if k == 0 else 1.0
-            height = r.uniform(0.16, 0.30)
+            height = r.uniform(0.2, 0.36)
             rel = layers.side
-            surface = a.base[k] - height * (0.5 + 0.5 * rel**2)
+            surface = a.base[k] - height * (0.65 + 0.35 * rel**2)
             fluid = _sig((Y - surface) / (4 * edge)) * _sig(s * X / edge)
             air = air * (1.0 - 0.92 * fluid)
     if labels[3]:  # opacity: an irregular consolidation patch in one lung zone
