@@ -9,11 +9,12 @@ reported. fedeid runs as ``fedeid dicom deid`` does (``DicomDeidentifier.run``: 
 fsync, manifest), in one process and in one process per CPU (its default); dicognito and
 dicom-anonymizer run their per-file API in one process, writing with ``save_as``.
 
-Pixel mode runs the greyscale images of the same corpus through the model (an untrained
-``preset('test')`` network at 64 px unless ``--model`` names a checkpoint, whose modalities are then
-used), with one torch thread.
+Pixel mode runs the greyscale images of the same corpus through the model (an untrained network
+of ``--preset``, default ``test`` at 64 px, unless ``--model`` names a checkpoint, whose modalities
+are then used), with one torch thread.
 
-Usage: ``python simulations/benchmarks/dicom_bench.py --out reports/dicom_bench.json [--rounds 5]``
+Usage: ``python simulations/benchmarks/dicom_bench.py --out reports/dicom_bench.json [--rounds 7]
+[--preset quick | --model CKPT]``
 (needs the ``bench`` extra: dicognito, dicom-anonymizer; and pydicom-data).
 """
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--out", default="reports/dicom_bench.json")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", help="checkpoint for the pixel-mode figure (default: untrained test preset)")
+    parser.add_argument("--preset", default="test", help="untrained network of this preset when no --model")
     parser.add_argument("--level", type=float, default=0.5)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -147,7 +149,7 @@ def main() -> None:
             from fedeid.config import preset
             from fedeid.deid.pipeline import DeIdentifier
 
-            model = DeIdentifier.build(preset("test"), device="cpu")
+            model = DeIdentifier.build(preset(args.preset), device="cpu")
             model.modalities = ("CR", "DX", "CT", "MR", "NM", "OT", "US", "MG", "PT", "XA")
         pixel_runner = DicomDeidentifier(ProfileOptions(), Keyring(os.urandom(32)), model=model, level=args.level)
         pixel_out = tmp_path / "pixel"
@@ -174,7 +176,7 @@ def main() -> None:
             "fedeid_1_process_vs_dicognito": round(header["fedeid (1 process)"] / header["dicognito"], 2),
         },
         "pixel": {
-            "model": args.model or "untrained preset('test'), 64 px",
+            "model": args.model or f"untrained preset('{args.preset}'), {model.image_size} px",
             "level": args.level,
             "files_seen": len(files),
             "files_deidentified": len(done),
