@@ -8,8 +8,10 @@ then walks datasets, sequences included, applying them:
 * ``D`` (and ``Z/D``, ``X/D``, ``X/Z/D``): replace with a dummy of the right VR; UIDs get their keyed
   replacement, Patient ID its keyed pseudonym, sequences are kept and their items cleaned.
   Choosing D where the table allows it keeps Type 1 attributes present, so outputs stay valid.
-* ``Z`` (and ``X/Z``): zero length (sequences: no items). Patient's Name takes the pseudonym,
-  which ``Z`` allows ("or a dummy value consistent with the VR") and which keeps names linkable.
+* ``Z``: zero length (sequences: no items). Patient's Name takes the pseudonym, which ``Z``
+  allows ("or a dummy value consistent with the VR") and which keeps names linkable.
+* ``X/Z``: zero length, except that a sequence is removed (an empty Type 3 sequence is invalid)
+  unless it is one of the Type 2 ones (``TYPE2_XZ_SEQUENCES``).
 * ``X``: remove. ``K``: keep. ``U``: keyed UID replacement (consistent across files and runs).
 * ``X/Z/U*``: keep the sequence; the UIDs inside are replaced by their own rows.
 * ``C``: dates under *Modified Dates* shift by the patient's keyed offset (times unchanged);
