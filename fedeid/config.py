@@ -50,7 +50,7 @@ class TrainConfig:
 
     device: str = "auto"
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 2e-3
     reid_epochs: int = 12
     deid_epochs: int = 10
