@@ -51,8 +51,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fedeid.config import FINDINGS, DataConfig
 from fedeid.data.imageset import ImageSet
@@ -277,17 +275,45 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c, indexing="xy")
 
 
-def _gauss_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable gaussian blur of [N, H, W] with one sigma (pixels) per image."""
-    n = img.shape[0]
-    half = max(1, int(math.ceil(3.0 * float(sigma.max()))))
-    t = torch.arange(-half, half + 1, dtype=img.dtype)
-    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None].clamp_min(1e-3)) ** 2)
-    k = k / k.sum(1, keepdim=True)
-    x = F.pad(img[None], (half, half, half, half), mode="reflect")
-    x = F.conv2d(x, k[:, None, None, :], groups=n)
-    x = F.conv2d(x, k[:, None, :, None], groups=n)
-    return x[0]
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable gaussian blur of one [H, W] image (sigma in pixels, reflected borders)."""
+    half = max(1, int(math.ceil(3.0 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / max(sigma, 1e-3)) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    h, w = img.shape
+    padded = np.pad(img, half, mode="reflect")
+    rows = sum(t * padded[i:i + h, :] for i, t in enumerate(taps))
+    return sum(t * rows[:, i:i + w] for i, t in enumerate(taps)).astype(np.float32)
+
+
+def _warp(img: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Bilinear resampling of [H, W] at ``theta`` @ (x, y, 1) of each output pixel (border padding)."""
+    h, w = img.shape
+    X, Y = _grid(w)
+    px = ((theta[0, 0] * X + theta[0, 1] * Y + theta[0, 2] + 1) * w - 1) / 2
+    py = ((theta[1, 0] * X + theta[1, 1] * Y + theta[1, 2] + 1) * h - 1) / 2
+    px, py = np.clip(px, 0, w - 1), np.clip(py, 0, h - 1)
+    x0, y0 = np.minimum(px.astype(np.int64), w - 2), np.minimum(py.astype(np.int64), h - 2)
+    fx, fy = px - x0, py - y0
+    flat = img.ravel()
+    i = y0 * w + x0
+    top = flat[i] * (1 - fx) + flat[i + 1] * fx
+    bottom = flat[i + w] * (1 - fx) + flat[i + w + 1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+
+
+def _upsample_band_limited(field: np.ndarray, size: int) -> np.ndarray:
+    """Exact (sinc) resampling of a band-limited periodic field to size x size by spectrum padding."""
+    n = field.shape[0]
+    spec = np.fft.fft2(field)
+    out = np.zeros((size, size), dtype=complex)
+    k = n // 2
+    out[:k, :k], out[:k, -k:], out[-k:, :k], out[-k:, -k:] = spec[:k, :k], spec[:k, -k:], spec[-k:, :k], spec[-k:, -k:]
+    # Sample at pixel centres, whatever the size, so the field sits on the same anatomy.
+    f = np.fft.fftfreq(size)
+    shift = np.exp(-2j * np.pi * f * (0.5 * (size / n - 1)))
+    out = out * shift[:, None] * shift[None, :]
+    return (np.fft.ifft2(out).real * (size / n) ** 2).astype(np.float32)
 
 
 def _splat_lines(segments: np.ndarray, size: int, width_lo: float, width_hi: float) -> np.ndarray:
@@ -313,8 +339,7 @@ def _splat_lines(segments: np.ndarray, size: int, width_lo: float, width_hi: flo
     ok = (jx >= 0) & (jx < size) & (jy >= 0) & (jy < size)
     canvas = np.bincount(jy[ok] * size + jx[ok], weights=wt[ok], minlength=size * size)
     sigma_px = max(0.5, 0.5 * (width_lo + width_hi) * size / 4)
-    blurred = _gauss_blur(torch.from_numpy(canvas.reshape(1, size, size).astype(np.float32)),
-                          torch.tensor([sigma_px]))[0].numpy()
+    blurred = _blur(canvas.reshape(size, size).astype(np.float32), sigma_px)
     return blurred * math.sqrt(2 * math.pi) * sigma_px  # peak ~ 1 on a line
 
 
@@ -406,10 +431,9 @@ def _patient_layers(a: Anatomy, size: int) -> _Layers:
 
     knob = _sig((a.knob[2] - np.hypot(X - a.knob[0], Y - a.knob[1])) / edge)
     lung = np.clip(lung, 0.0, 1.0) * (1.0 - knob)
-    fine = 0.08 * _splat_lines(a.vessels, size, 0.016, 0.04) + 0.07 * _splat_lines(a.vessels, size, 0.0, 0.016)
-    tex = F.interpolate(torch.from_numpy(a.texture)[None, None], size=(size, size), mode="bicubic",
-                        align_corners=False)[0, 0].numpy()
-    fine += 0.02 * tex
+    fine = 0.10 * _splat_lines(a.vessels, size, 0.016, 0.04) + 0.09 * _splat_lines(a.vessels, size, 0.0, 0.016)
+    tex = _upsample_band_limited(a.texture, size)
+    fine += 0.025 * tex
     bones *= 1.0 + 0.25 * tex  # trabecular texture
     return _Layers(tissue.astype(np.float32), lung.astype(np.float32), bones.astype(np.float32),
                    fine.astype(np.float32), side.astype(np.float32))
@@ -475,7 +499,7 @@ def _acquisition_theta(r: np.random.Generator) -> np.ndarray:
     """Output->canonical affine (2x3, normalised coords) of one acquisition's pose and breath."""
     rot = math.radians(float(np.clip(r.normal(0.0, 2.0), -5.0, 5.0)))
     scale = float(np.clip(1.0 + r.normal(0.0, 0.025), 0.93, 1.07))
-    tx, ty = np.clip(r.normal(0.0, 0.025, 2), -0.07, 0.07)
+    tx, ty = np.clip(r.normal(0.0, 0.02, 2), -0.06, 0.06)
     breath = float(np.clip(1.0 + r.normal(0.0, 0.03), 0.92, 1.08))
     inspire = np.array([[1.0, 0.0, 0.0], [0.0, breath, _INSPIRATION_PIVOT * (1 - breath)], [0, 0, 1]])
     c, s = math.cos(rot) * scale, math.sin(rot) * scale
@@ -490,24 +514,21 @@ def _acquire(density: np.ndarray, thetas: np.ndarray, profile: ScannerProfile,
     ``acq`` rows: exposure factor, gamma factor, window shift, blur factor, noise factor,
     collimation factor.
     """
-    d = torch.from_numpy(density)[:, None]
-    grid = F.affine_grid(torch.from_numpy(thetas).float(), list(d.shape), align_corners=False)
-    d = F.grid_sample(d, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
-    a = torch.from_numpy(acq).float()
-    img = 1.0 - torch.exp(-_MU * profile.exposure * a[:, 0, None, None] * d.clamp_min(0.0))
     lo, hi = profile.window
-    img = ((img - lo - a[:, 2, None, None]) / (hi - lo)).clamp(0.0, 1.0)
-    img = img ** (profile.gamma * a[:, 1, None, None]) + profile.offset
-    img = _gauss_blur(img, profile.blur * a[:, 3] * size / 128)
-    img = img + profile.noise * a[:, 4, None, None] * torch.sqrt(img.clamp_min(0.0) + 0.1) * torch.from_numpy(noise)
-    if profile.collimation > 0:
-        c = torch.from_numpy(((np.arange(size) * 2 + 1) / size - 1).astype(np.float32))
-        inner = 1.0 - profile.collimation * a[:, 5, None]
-        soft = 1.5 * 2.0 / size
-        mx = torch.sigmoid((inner - c.abs()[None]) / soft)
-        mask = mx[:, None, :] * mx[:, :, None]
-        img = img * mask + 0.03 * (1 - mask)
-    return img.clamp(0.0, 1.0).numpy().astype(np.float32)
+    centre = np.abs((np.arange(size) * 2 + 1) / size - 1).astype(np.float32)
+    out = np.empty_like(density)
+    for j, (exposure, gamma, shift, blur, noisiness, collimation) in enumerate(acq):
+        d = np.maximum(_warp(density[j], thetas[j]), 0.0)
+        img = 1.0 - np.exp(-_MU * profile.exposure * exposure * d)
+        img = np.clip((img - lo - shift) / (hi - lo), 0.0, 1.0) ** (profile.gamma * gamma) + profile.offset
+        img = _blur(img, profile.blur * blur * size / 128)
+        img = img + profile.noise * noisiness * np.sqrt(np.maximum(img, 0.0) + 0.1) * noise[j]
+        if profile.collimation > 0:
+            inside = _sig((1.0 - profile.collimation * collimation - centre) / (3.0 / size))
+            mask = inside[:, None] * inside[None, :]
+            img = img * mask + 0.03 * (1.0 - mask)
+        out[j] = np.clip(img, 0.0, 1.0)
+    return out
 
 
 def _check(cfg: DataConfig) -> None:
