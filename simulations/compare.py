@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     if "sites" in parts:
         rows = []
         for n in [int(x) for x in args.sites.split(",") if x.strip()]:
+            if n == cfg.data.n_sites and "base" in result:  # the base federation is this point
+                base = result["base"]
+                idx = [base["curves"]["federated"]["levels"].index(lv) for lv in sweep_levels]
+                rows.append({"sites": n, "train_seconds": base["train_seconds"]["federated"],
+                             "curve": {k: [v[i] for i in idx] for k, v in base["curves"]["federated"].items()},
+                             "bytes_per_round": base["federation"].get("bytes_per_round_all_sites")})
+                continue
             c = copy.deepcopy(cfg)
             c.data.n_sites = n
             c.fed.num_supernodes = n
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if "base" in result:  # the non-private federated model is the ε = ∞ end of the sweep
             base = result["base"]["curves"]["federated"]
             idx = [base["levels"].index(lv) for lv in sweep_levels if lv in base["levels"]]
-            rows.append({"target_epsilon": math.inf, "dp": "none", "epsilon_spent": math.inf,
+            rows.append({"target_epsilon": None, "dp": "none", "epsilon_spent": None,  # no DP: ε = ∞
                          "curve": {k: [v[i] for i in idx] for k, v in base.items()}})
         result["sweep_epsilon"] = rows
         _plot_sweep([r for r in rows if "curve" in r], "epsilon_spent", out / "sweep_epsilon.png",
@@ -264,7 +271,7 @@ def _plot_sweep(rows: list[dict[str, Any]], key: str, path: Path, xlabel: str) -
         return
     levels = rows[0]["curve"]["levels"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    xs = [r[key] if r[key] is not None and math.isfinite(r[key]) else None for r in rows]
+    xs = [r.get(key) if r.get(key) is not None and math.isfinite(r[key]) else None for r in rows]
     finite = [x for x in xs if x is not None]
     inf_x = (max(finite) * 2 if finite else 1.0)
     xs = [x if x is not None else inf_x for x in xs]

@@ -19,6 +19,12 @@ from fedeid.federated.server import run_federation
 from fedeid.models.deid_model import build_deid_model, shared_state
 
 
+
+@pytest.fixture(autouse=True)
+def _flwr_home(tmp_path, monkeypatch):
+    """Nothing of Flower's may touch ~/.flwr."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
 def _cfg(mode: str = "none"):
     cfg = preset("test")
     cfg.fed.rounds = 1

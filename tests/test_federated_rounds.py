@@ -28,6 +28,12 @@ from fedeid.privacy.accountant import CentralAccountant
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+@pytest.fixture(autouse=True)
+def _flwr_home(tmp_path, monkeypatch):
+    """Nothing of Flower's may touch ~/.flwr."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
 def _cfg(rounds: int = 2, **sets):
     cfg = preset("test")
     cfg.fed.rounds = rounds
