@@ -5,7 +5,8 @@
 A site's data comes from its node config: ``data`` (a CSV of images with patient ids and
 findings, or a folder holding one, read by :func:`fedeid.data.loaders.load_csv`) or, without
 it, the synthetic benchmark's site ``site-id`` (simulation: ``partition-id``). The site keeps,
-in its state folder (node config ``state-dir``, else ``<fedeid.state-dir>/site-<id>``):
+in its state folder (node config ``state-dir``, else ``<fedeid.state-dir>/site-<id>``, else — a
+simulation on one machine — ``<fedeid.out-dir>/sites/site-<id>``; a real SuperNode sets it):
 
 * ``reid.pt`` — its ReID network, trained once on its own patients and reused every round (a
   fedeid checkpoint holding only ``reid_state``; ``DeIdentifier.load(global.pt, reid=...)``
@@ -62,8 +63,8 @@ def site_dir(context: Context, opts: RunOptions, site: int) -> Path:
         path = Path(str(explicit)).expanduser()
     elif opts.state_dir:
         path = Path(opts.state_dir).expanduser() / f"site-{site}"
-    else:
-        path = Path.cwd() / "fedeid-sites" / f"site-{site}"
+    else:  # a simulation on the server's machine: next to the server's folder
+        path = opts.out_dir / "sites" / f"site-{site}"
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 

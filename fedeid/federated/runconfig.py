@@ -13,7 +13,8 @@ Config keys (``"fed.rounds"``, ``"privacy.mode"``, ...; ``""`` = the preset's va
 * ``fedeid.round-timeout`` — seconds to wait for a round's replies (late sites are dropped);
 * ``fedeid.min-replies`` — fewest valid replies a round needs to be aggregated;
 * ``fedeid.state-dir`` — where simulated sites keep their ReID network and DP accountant
-  (``<state-dir>/site-<id>``); a real SuperNode sets ``state-dir`` in its node config instead;
+  (``<state-dir>/site-<id>``; empty: ``<out-dir>/sites/site-<id>``); a real SuperNode sets
+  ``state-dir`` in its node config instead;
 * ``fedeid.evaluate`` — run the clients' evaluate step after each round;
 * ``fedeid.eval-level`` — the privacy level of the clients' local privacy/utility figures;
 * ``fedeid.threads`` — torch threads per ClientApp (1: several sites share a small machine).
