@@ -216,3 +216,18 @@ def test_run_config_bridge_and_pyproject_table():
     assert {k for k in known if k.split(".")[0] in ("fed", "privacy")} <= set(dotted)
     opts = run_options({**table, "fedeid.out-dir": "/tmp/x", "fedeid.resume": "true"})
     assert opts.resume and opts.out_dir == Path("/tmp/x")
+
+
+def test_simulate_command_writes_the_report(tmp_path):
+    """The main job's command end to end on the test preset (in-process engine: no Ray in CI)."""
+    from fedeid.cli import main
+
+    out = tmp_path / "report"
+    assert main(["simulate", "--preset", "test", "--engine", "inprocess", "--out", str(out)]) == 0
+    for name in ("results.json", "privacy_utility.png", "federated.json", "federated_rounds.png",
+                 "federation/global.pt", "federation/sites/site-0/reid.pt"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "federated" and "fedeid" in results["methods"]
+    fed = json.loads((out / "federated.json").read_text())["summary_table"]
+    assert 0 < fed["shared_fraction_of_full_model"] < 1 and fed["rounds"] == preset("test").fed.rounds
