@@ -11,7 +11,9 @@ so the figures are directly comparable:
 * ``federated`` — Flower (``--engine``, default the simulation runtime) over the base sites; the
   global decoupler/decoder with site 0's own ReID, as site 0 would de-identify;
 * ``centralized`` — the same networks trained on all sites' images pooled (the upper reference);
-* ``site<i>_alone`` — each site trains on its own images only;
+* ``site<i>_alone`` — each site trains on its own images only (with its own ReID), to be set
+  against ``federated@site<i>``: the global model with that site's ReID, i.e. what the site gets
+  by joining;
 
 all with the same number of de-identification epochs (rounds × local epochs). Then:
 
@@ -59,13 +61,16 @@ def train_alone(data: ImageSet, cfg: Config, epochs: int) -> Any:
 
 
 def federated(cfg: Config, out: Path, engine: str) -> tuple[Any, dict[str, Any]]:
+    """Train federatedly; the global model with site 0's ReID (and ``site_deids``: with each site's)."""
     from fedeid.deid.pipeline import DeIdentifier
     from fedeid.federated.commands import federated_summary
     from fedeid.federated.simulation import simulate
 
     fed = simulate(cfg, out, engine=engine, evaluate=False)
-    deid = DeIdentifier.load(fed["paths"]["global"], reid=fed["paths"]["site_reid"][0], device=cfg.train.device)
-    return deid, {"summary": federated_summary(fed, cfg), "rounds": fed["rounds"], "wall_seconds": fed["wall_seconds"]}
+    deids = [DeIdentifier.load(fed["paths"]["global"], reid=r, device=cfg.train.device)
+             for r in fed["paths"]["site_reid"]]
+    return deids[0], {"summary": federated_summary(fed, cfg), "rounds": fed["rounds"],
+                      "wall_seconds": fed["wall_seconds"], "site_deids": deids}
 
 
 def score(evaluator: Any, deid: Any, levels: tuple[float, ...], adaptive: bool) -> dict[str, list[float]]:
@@ -85,8 +90,10 @@ def utility_at_privacy(curve: dict[str, list[float]], p_targets: list[float]) ->
     return [float(np.interp(t, p, u)) if p[0] - 1e-9 <= t <= p[-1] + 1e-9 else None for t in p_targets]
 
 
-def compare_to_central(curves: dict[str, dict[str, list[float]]], name: str) -> dict[str, Any]:
-    c, f = curves["centralized"], curves[name]
+def compare_to_central(curves: dict[str, dict[str, list[float]]], name: str, ref: str = "centralized"
+                       ) -> dict[str, Any]:
+    """``name`` against ``ref``: utility ratio at the same level and at ``ref``'s privacy (P@1)."""
+    c, f = curves[ref], curves[name]
     ratio_level = [fu / cu if cu else None for fu, cu in zip(f["utility_auc"], c["utility_auc"])]
     at_p = utility_at_privacy(f, c["p_at_1"])
     ratio_priv = [a / cu if (a is not None and cu) else None for a, cu in zip(at_p, c["utility_auc"])]
@@ -113,7 +120,7 @@ def plot_compare(curves: dict[str, dict[str, list[float]]], path: Path, title: s
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in curves.items():
-        style = "-" if name in ("federated", "centralized") else ":"
+        style = "-" if name in ("federated", "centralized") else ("--" if name.startswith("federated@") else ":")
         axes[0].plot(c["p_at_1"], c["utility_auc"], style, marker="o", label=name)
         axes[1].plot(c["levels"], c["utility_auc"], style, marker="o", label=name)
     axes[0].set(xlabel="attacker P@1 on de-identified images (lower = more private)", ylabel="finding AUC (utility)",
@@ -177,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         deid, fed_info = federated(cfg, out / "federated", args.engine)
         timing["federated"] = time.perf_counter() - t
         curves["federated"] = score(evaluator, deid, levels, args.adaptive)
+        # what each hospital gets from the federation: the global model with ITS OWN ReID
+        for i, d in enumerate(fed_info["site_deids"][1:], start=1):
+            curves[f"federated@site{i}"] = score(evaluator, d, levels, args.adaptive)
         t = time.perf_counter()
         deid_c, _ = train_alone(train, cfg, epochs)
         timing["centralized"] = time.perf_counter() - t
@@ -189,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             curves[f"site{i}_alone"] = score(evaluator, d, levels, args.adaptive)
             sizes.append(len(s))
         smallest = int(np.argmin(sizes))
-        fed_vs_small = [fu - su for fu, su in zip(curves["federated"]["utility_auc"],
+        fed_at = lambda i: "federated" if i == 0 else f"federated@site{i}"  # noqa: E731
+        fed_vs_small = [fu - su for fu, su in zip(curves[fed_at(smallest)]["utility_auc"],
                                                    curves[f"site{smallest}_alone"]["utility_auc"])]
         result["base"] = {
             "curves": curves, "train_seconds": timing, "site_sizes": sizes, "smallest_site": smallest,
             "federated_vs_centralized": compare_to_central(curves, "federated"),
+            "federated_vs_smallest_site": compare_to_central(curves, fed_at(smallest), f"site{smallest}_alone"),
+            "federated_vs_site_alone": {i: compare_to_central(curves, fed_at(i), f"site{i}_alone")
+                                        for i in range(len(sites))},
             "federated_minus_smallest_site_utility": fed_vs_small,
             "federation": fed_info["summary"], "federation_rounds": fed_info["rounds"],
         }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedeid.config import preset
-from fedeid.federated.deploy import Deployment, _alive, logs_tail
+from fedeid.federated.deploy import Deployment, _alive, logs_tail, start_time
 from fedeid.federated.runconfig import run_config_for
 from fedeid.federated.simulation import project_dir
 from fedeid.privacy.certs import create_certificates
@@ -27,7 +27,9 @@ def deployment(tmp_path, monkeypatch):
         yield dep, certs
     finally:
         dep.close()
-        left = [p for proc in dep.processes() for p in [proc.pid, *proc._known] if _alive(p)]
+        left = [proc.pid for proc in dep.processes() if _alive(proc.pid)]
+        left += [p for proc in dep.processes() for p, started in proc._known.items()
+                 if _alive(p) and start_time(p) == started]  # same pid AND same process
         assert not left, f"processes left running: {left}"
 
 
