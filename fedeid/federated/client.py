@@ -141,10 +141,20 @@ def reid_fingerprint(cfg: Config, data: ImageSet) -> str:
                         hashlib.sha256(np.ascontiguousarray(data.images[:8]).tobytes()).hexdigest())
 
 
+def reid_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> Any:
+    """A ReID network rebuilt from its state (with the finding head a site's network may carry)."""
+    from fedeid.models.reid import ReIDNet
+
+    head = state.get("finding_head.weight")
+    net = (ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, int(head.shape[0])) if head is not None
+           else ReIDNet(cfg.model.reid_size, cfg.model.reid_dim))
+    net.load_state_dict(state)
+    return net.eval()
+
+
 def site_reid(cfg: Config, data: ImageSet, sdir: Path, site: int) -> Any:
     """The site's ReID network: loaded from ``reid.pt`` if trained for this data/config, else trained."""
     from fedeid.checkpoint import load_checkpoint, save_checkpoint
-    from fedeid.models.reid import ReIDNet
     from fedeid.train import train_reid
 
     path = sdir / REID
@@ -153,9 +163,7 @@ def site_reid(cfg: Config, data: ImageSet, sdir: Path, site: int) -> Any:
         try:
             ckpt = load_checkpoint(path)
             if ckpt["extra"].get("site_reid", {}).get("fingerprint") == fp and ckpt["reid_state"] is not None:
-                net = ReIDNet(cfg.model.reid_size, cfg.model.reid_dim)
-                net.load_state_dict(ckpt["reid_state"])
-                return net.eval()
+                return reid_from_state(cfg, ckpt["reid_state"])
             log.info("site %d: %s was trained for other data/config: retraining", site, path)
         except (InputError, RuntimeError, KeyError) as exc:
             log.warning("site %d: cannot reuse %s (%s): retraining", site, path, exc)
