@@ -57,7 +57,7 @@ class TrainConfig:
     level_min: float = 0.0  # blocking levels sampled during decoder training
     level_max: float = 1.0
     w_rec: float = 1.0  # reconstruction on visible regions
-    w_fill: float = 0.5  # reconstruction of blocked regions at low resolution (structure, not detail)
+    w_fill: float = 1.0  # reconstruction of blocked regions at low resolution (structure, not detail)
     w_sem: float = 1.0  # MFM features of output ~ medical code of input
     w_med: float = 1.0  # medical-task term on the medical code and on the output
     w_id: float = 0.5  # identity suppression on the output (ReID embedding away from input's)
@@ -65,6 +65,7 @@ class TrainConfig:
     w_indep: float = 1.0  # cross-covariance between medical and identity codes
     w_adv: float = 0.5  # identity adversary on the medical code (gradient reversal)
     w_idcode: float = 1.0  # identity code must carry the ReID signal
+    w_task: float = 3.0  # medical-task preservation: the site's finding head on the output
 
 
 @dataclass

@@ -107,21 +107,30 @@ def patient_index(patient_ids: np.ndarray) -> torch.Tensor:
 
 
 def train_reid(data: ImageSet, cfg: Config, *, epochs: int | None = None, init: ReIDNet | None = None,
-               device: torch.device | None = None, progress: bool = False) -> ReIDNet:
-    """Metric learning on patient identity (CosFace over the patients of ``data``)."""
+               findings: bool = True, device: torch.device | None = None, progress: bool = False) -> ReIDNet:
+    """Metric learning on patient identity (CosFace over the patients of ``data``).
+
+    With ``findings`` (a site's network) a finding head is trained jointly on the same features,
+    for the medical-task preservation loss; attackers pass ``findings=False``.
+    """
     device = device or resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    net = (init or ReIDNet(cfg.model.reid_size, cfg.model.reid_dim)).to(device).train()
+    n_findings = len(data.finding_names) if findings else 0
+    net = (init or ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, n_findings)).to(device).train()
     targets = patient_index(data.patient_ids)
     head = CosFaceLoss(net.dim, int(targets.max()) + 1).to(device)
 
     def step(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, y = (t.to(device) for t in batch)
-        loss = head(net(augment(x)), y)
+        x, y, labels = (t.to(device) for t in batch)
+        x = augment(x)
+        loss = head(net(x), y)
+        if net.finding_head is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(net.findings(x), labels)
         return loss, {"reid_loss": loss.detach().expand(len(x))}
 
     optimise([*net.parameters(), *head.parameters()],
-             loader([as_tensor(data.images), targets], cfg.train.batch_size, True, cfg.train.seed),
+             loader([as_tensor(data.images), targets, torch.from_numpy(data.labels)],
+                    cfg.train.batch_size, True, cfg.train.seed),
              cfg.train.reid_epochs if epochs is None else epochs, cfg.train.lr, step,
              desc="ReID", progress=progress)
     return net.eval()
@@ -185,7 +194,9 @@ def train_deid(model: DeIdModel, reid: ReIDNet, data: ImageSet, cfg: Config, epo
     labels = torch.from_numpy(data.labels)
 
     w = dict(rec=t.w_rec, fill=t.w_fill, sem=t.w_sem, med=t.w_med, id=t.w_id, rate=t.w_rate,
-             indep=t.w_indep, adv=t.w_adv, idcode=t.w_idcode)
+             indep=t.w_indep, adv=t.w_adv, idcode=t.w_idcode, task=t.w_task)
+    if reid.finding_head is None:
+        w["task"] = 0.0
     if not cfg.model.decouple:
         w.update(rate=0.0, indep=0.0, adv=0.0, idcode=0.0)
 
@@ -225,14 +236,17 @@ def deid_losses(model: DeIdModel, reid: ReIDNet, x: torch.Tensor, mask: torch.Te
     pm = F.avg_pool2d(mask, _FILL_POOL)
     fill = ((F.avg_pool2d(gen, _FILL_POOL) - F.avg_pool2d(x, _FILL_POOL)).abs() * pm).flatten(1).sum(1)
     fill = fill / pm.flatten(1).sum(1).clamp(min=1e-6)
-    out_codes = model.decoupler(model.encode(out))
-    sem = (out_codes.mu - codes.mu.detach()).pow(2).flatten(1).mean(1)
     dec = model.decoupler
+    out_mu = dec.medical_mean(model.encode(out))
+    sem = (out_mu - codes.mu.detach()).pow(2).flatten(1).mean(1)
     med = (F.binary_cross_entropy_with_logits(dec.finding_logits(codes.medical), labels, reduction="none").mean(1)
-           + F.binary_cross_entropy_with_logits(dec.finding_logits(out_codes.mu), labels, reduction="none").mean(1))
+           + F.binary_cross_entropy_with_logits(dec.finding_logits(out_mu), labels, reduction="none").mean(1))
     blocked = mask.flatten(1).mean(1)
     id_sim = (reid(out) * ident).sum(1)
+    task = (F.binary_cross_entropy_with_logits(reid.findings(out), labels, reduction="none").mean(1)
+            if reid.finding_head is not None else torch.zeros_like(rec))
     return {
+        "task": task,
         "rec": rec,
         "fill": fill,
         "sem": sem,

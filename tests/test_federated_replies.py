@@ -54,12 +54,6 @@ def test_every_reply_is_shared_arrays_and_scalars_only(tmp_path, mode):
     allowed_bytes = sum(v.numel() * v.element_size() for v in shared.values())
     n_images = cfg.data.patients_per_site * cfg.data.images_per_patient
     kinds = {"train": 0, "evaluate": 0}
-    known = "Per sample gradient is not initialized"
-    if mode == "local" and any(r.has_error() and known in (r.error.reason or "") for _, r in captured):
-        # fedeid.train.deid_losses calls the decoupler a second time (on the output) and uses only
-        # its `mu`: the unused logvar/identity convs leave Opacus' hook bookkeeping unmatched.
-        # Fix (core): compute the output's code with trunk + mu only. Reported to the core owner.
-        pytest.xfail("core: decoupler outputs unused in deid_losses break Opacus per-sample gradients")
     for msg, reply in captured:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         kind = msg.metadata.message_type

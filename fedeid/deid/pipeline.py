@@ -19,7 +19,7 @@ from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoi
 from fedeid.config import Config
 from fedeid.deid.blocking import block_mask, patch_scores
 from fedeid.io import InputError
-from fedeid.models.deid_model import DeIdModel, load_shared_state, shared_state
+from fedeid.models.deid_model import DeIdModel, cfg_findings, load_shared_state, shared_state
 from fedeid.models.reid import ReIDNet
 from fedeid.train import as_tensor, resolve_device
 
@@ -30,6 +30,11 @@ def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def build_site_reid(cfg: Config) -> ReIDNet:
+    """An (untrained) site network of the configured shape: ReID embedding plus finding head."""
+    return ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, len(cfg_findings(cfg)))
 
 
 class DeIdentifier:
@@ -47,7 +52,7 @@ class DeIdentifier:
     def build(cls, cfg: Config, device: str = "auto") -> DeIdentifier:
         """Untrained networks over the real pipeline (tests, smoke runs)."""
         torch.manual_seed(cfg.train.seed)
-        return cls(DeIdModel(cfg), ReIDNet(cfg.model.reid_size, cfg.model.reid_dim), cfg, device)
+        return cls(DeIdModel(cfg), build_site_reid(cfg), cfg, device)
 
     @classmethod
     def from_models(cls, model: DeIdModel, reid: ReIDNet, cfg: Config, device: str = "auto") -> DeIdentifier:
@@ -67,7 +72,7 @@ class DeIdentifier:
             raise InputError(path, "checkpoint holds no ReID network (a global federated model): "
                                    "pass the site's ReID checkpoint too")
         model = DeIdModel(cfg)
-        reid_net = ReIDNet(cfg.model.reid_size, cfg.model.reid_dim)
+        reid_net = build_site_reid(cfg)
         try:
             load_shared_state(model, ckpt["shared_state"])
             reid_net.load_state_dict(reid_state)

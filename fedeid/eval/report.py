@@ -76,7 +76,7 @@ class Evaluator:
         self.gallery, self.queries = split_gallery(test)
         attack_set = ImageSet.concat([train, test.subset(self.gallery)])
         e = cfg.eval
-        self.attacker = train_reid(attack_set, cfg, epochs=e.attacker_epochs, progress=progress)
+        self.attacker = train_reid(attack_set, cfg, epochs=e.attacker_epochs, findings=False, progress=progress)
         self.classifier = train_classifier(train, cfg, input_size=e.classifier_size,
                                            epochs=e.classifier_epochs, progress=progress)
         self.gallery_emb = self._embed(self.attacker, test.images[self.gallery])
@@ -121,7 +121,8 @@ class Evaluator:
     def _adaptive(self, deid_train: np.ndarray, deid_test: np.ndarray) -> dict[str, float]:
         e = self.cfg.eval
         mixed = ImageSet.concat([self.attack_set, self.train.with_images(deid_train)])
-        attacker = train_reid(mixed, self.cfg, epochs=e.adaptive_epochs, init=copy.deepcopy(self.attacker))
+        attacker = train_reid(mixed, self.cfg, epochs=e.adaptive_epochs, init=copy.deepcopy(self.attacker),
+                              findings=False)
         classifier = train_classifier(self.train.with_images(deid_train), self.cfg,
                                       input_size=e.classifier_size, epochs=e.adaptive_epochs,
                                       init=copy.deepcopy(self.classifier))

@@ -142,12 +142,10 @@ def reid_fingerprint(cfg: Config, data: ImageSet) -> str:
 
 
 def reid_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> Any:
-    """A ReID network rebuilt from its state (with the finding head a site's network may carry)."""
-    from fedeid.models.reid import ReIDNet
+    """The site's ReID network (embedding + finding head) rebuilt from its state."""
+    from fedeid.deid.pipeline import build_site_reid
 
-    head = state.get("finding_head.weight")
-    net = (ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, int(head.shape[0])) if head is not None
-           else ReIDNet(cfg.model.reid_size, cfg.model.reid_dim))
+    net = build_site_reid(cfg)
     net.load_state_dict(state)
     return net.eval()
 

@@ -46,11 +46,11 @@ def initial_model(cfg: Config) -> torch.nn.Module:
 
 def full_model_bytes(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
     """Sizes for the bytes-per-round comparison: what is sent vs the whole de-identifier."""
-    from fedeid.models.reid import ReIDNet
+    from fedeid.deid.pipeline import build_site_reid
 
     shared = state_nbytes(shared_state(model))  # type: ignore[arg-type]
     everything = state_nbytes(model.state_dict())
-    reid = state_nbytes(ReIDNet(cfg.model.reid_size, cfg.model.reid_dim).state_dict())
+    reid = state_nbytes(build_site_reid(cfg).state_dict())
     return {"shared_bytes": shared, "deid_model_bytes": everything, "reid_bytes": reid,
             "full_model_bytes": everything + reid}
 

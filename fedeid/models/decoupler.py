@@ -64,6 +64,11 @@ class MDLDecoupler(nn.Module):
             medical = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return Codes(medical=medical, mu=mu, logvar=logvar, identity=self.identity(h))
 
+    def medical_mean(self, feats: torch.Tensor) -> torch.Tensor:
+        """Only the medical code's mean: running heads whose output is unused would leave Opacus'
+        per-sample gradient hooks with activations that no gradient ever reaches."""
+        return self.mu(self.trunk(feats))
+
     def finding_logits(self, code: torch.Tensor) -> torch.Tensor:
         return self.finding_head(code.mean(dim=(2, 3)))
 

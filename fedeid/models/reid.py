@@ -16,11 +16,24 @@ from fedeid.models.backbone import ConvNet
 
 
 class ReIDNet(ConvNet):
-    """Grey image [B, 1, H, W] -> L2-normalised identity embedding [B, dim]."""
+    """Grey image [B, 1, H, W] -> L2-normalised identity embedding [B, dim].
 
-    def __init__(self, input_size: int = 64, dim: int = 64) -> None:
+    A site's network may also carry a finding head (``n_findings > 0``) on the same features:
+    the medical-task preservation loss of method A asks it whether a de-identified image still
+    shows the findings of its original. Like the ReID part, it is trained on the site's own
+    images and never leaves the site. Attackers are built without it.
+    """
+
+    def __init__(self, input_size: int = 64, dim: int = 64, n_findings: int = 0) -> None:
         super().__init__(input_size, dim)
         self.dim = dim
+        self.finding_head = nn.Linear(self.head.in_features, n_findings) if n_findings else None
+
+    def findings(self, x: torch.Tensor) -> torch.Tensor:
+        """Finding logits [B, F] (only for a site network built with ``n_findings``)."""
+        if self.finding_head is None:
+            raise ValueError("this ReID network has no finding head")
+        return self.finding_head(self.features(x).mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(super().forward(x), dim=1)
