@@ -14,7 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from fedeid.cli import main
 from fedeid.config import FINDINGS, preset
-from fedeid.data.loaders import NIH_FINDINGS, load_chestxray14, load_csv, load_dataset, read_image, resize
+from fedeid.data.loaders import NIH_FINDINGS, load_chestxray14, load_csv, load_dataset, read_image
+from fedeid.imaging import resize_array as resize
 from fedeid.data.synthetic import generate
 from fedeid.io import InputError
 

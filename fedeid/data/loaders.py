@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import torch
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from fedeid.config import FINDINGS, DataConfig
 from fedeid.data.imageset import ImageSet
 from fedeid.data.synthetic import generate
+from fedeid.imaging import resize_array
 from fedeid.io import InputError
 
 NIH_FINDINGS: tuple[str, ...] = (
@@ -170,18 +170,6 @@ def _read_dicom(p: Path) -> np.ndarray:
     return 1.0 - img if photometric == "MONOCHROME1" else img
 
 
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """[H, W] or [N, H, W] to size x size: antialiased bilinear (non-square inputs are stretched)."""
-    # One resize helper in the whole project: the de-identifier's. Imported here, not at the top,
-    # so that the data layer never forms an import cycle with the model stack.
-    from fedeid.deid.pipeline import resize as resize_tensor
-
-    a = np.asarray(img, dtype=np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(a.reshape(-1, 1, *a.shape[-2:])))
-    out = resize_tensor(x, int(size))[:, 0].numpy().clip(0.0, 1.0)
-    return out.reshape(*a.shape[:-2], size, size).astype(np.float32)
-
-
 @dataclass
 class _Row:
     path: Path
@@ -196,7 +184,7 @@ def _load_rows(rows: list[_Row], image_size: int, names: tuple[str, ...], desc: 
     images, kept, errors = [], [], []
     for row in tqdm(rows, desc=desc, unit="img", disable=None, leave=False):
         try:
-            images.append(resize(read_image(row.path), image_size))
+            images.append(resize_array(read_image(row.path), image_size))
         except InputError as exc:
             errors.append(exc)
             continue

@@ -13,23 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoint
 from fedeid.config import Config
 from fedeid.deid.blocking import block_mask, patch_scores
+from fedeid.imaging import resize_array, upsample_result
 from fedeid.io import InputError
 from fedeid.models.deid_model import DeIdModel, cfg_findings, load_shared_state, shared_state
 from fedeid.models.reid import ReIDNet
 from fedeid.train import as_tensor, resolve_device
-
-
-def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize of [B, 1, H, W] (one helper for every size change)."""
-    size = (size, size) if isinstance(size, int) else size
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def build_site_reid(cfg: Config) -> ReIDNet:
@@ -136,10 +128,7 @@ class DeIdentifier:
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"expected one grey image [H, W], got shape {image.shape}")
-        x = torch.from_numpy(image)[None, None]
-        small = resize(x, self.image_size)
-        out, mask = self.deidentify_tensor(small, level)
-        h, w = image.shape
-        mask_native = F.interpolate(mask.cpu(), size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
-        synth = resize(out.cpu(), (h, w))[0, 0].numpy().clip(0, 1)
+        small = resize_array(image, self.image_size)
+        out, mask = self.deidentify(small[None], level)
+        synth, mask_native = upsample_result(out[0], mask[0], image.shape)
         return np.where(mask_native, synth, image).astype(np.float32), mask_native

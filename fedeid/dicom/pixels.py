@@ -133,22 +133,6 @@ class _ModalityLut:
         return (self.order[pos] + self.first).astype(np.float64)
 
 
-def _resize(batch: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    # torch is imported here, not at module level: header-only runs (and their worker processes)
-    # never touch pixels and start faster without it.
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
-    if mode == "nearest":
-        out = F.interpolate(t, size=size, mode="nearest")
-    elif t.shape[-2] >= size[0] and t.shape[-1] >= size[1]:
-        out = F.interpolate(t, size=size, mode="area")
-    else:
-        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    return out[:, 0].numpy()
-
-
 def stored_range(ds: Dataset) -> tuple[int, int]:
     """The values Bits Stored and Pixel Representation allow."""
     bits = int(ds.BitsStored)
@@ -183,8 +167,11 @@ def deidentify_pixels(ds: Dataset, model: PixelModel, level: float, batch_size: 
         unit[k] = 1.0 - x if invert else x
         windows.append((float(lo), float(hi)))
 
-    s = int(model.image_size)
-    small = _resize(unit, (s, s), "area")
+    # torch is imported here, not at module level: header-only runs (and their worker processes)
+    # never touch pixels and start faster without it.
+    from fedeid.imaging import resize_array, upsample_result
+
+    small = resize_array(unit, int(model.image_size))
     synth, mask = model.deidentify(np.clip(small, 0.0, 1.0).astype(np.float32), level, batch_size=batch_size)
 
     lo_v, hi_v = stored_range(ds)
@@ -193,8 +180,8 @@ def deidentify_pixels(ds: Dataset, model: PixelModel, level: float, batch_size: 
     for k in range(len(frames)):
         if not mask[k].any():
             continue
-        m_up = _resize(mask[k][None].astype(np.float32), (rows, cols), "nearest")[0] > 0.5
-        y_up = _resize(synth[k][None], (rows, cols), "bilinear")[0].astype(np.float64)
+        y_up, m_up = upsample_result(synth[k], mask[k], (rows, cols))
+        y_up = y_up.astype(np.float64)
         if invert:
             y_up = 1.0 - y_up
         lo, hi = windows[k]

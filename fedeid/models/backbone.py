@@ -9,8 +9,9 @@ findings in 12 epochs (test macro AUC 0.87) where the GroupNorm twin stayed at t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fedeid.imaging import resize
 
 
 def conv_block(cin: int, cout: int, stride: int = 1, norm: str = "group") -> nn.Sequential:
@@ -38,14 +39,8 @@ class ConvNet(nn.Module):
         )
         self.head = nn.Linear(4 * width, out_dim)
 
-    def resize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] == self.input_size:
-            return x
-        return F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                             antialias=True, align_corners=False)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.resize(x))
+        return self.body(resize(x, self.input_size))
 
     def pool_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(feats.mean(dim=(2, 3)))
