@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: main test
 main: $(VENV)/.installed
-	$(VENV)/bin/fedeid simulate --preset quick --out $(REPORT)
+	$(VENV)/bin/fedeid simulate --preset quick --adaptive --out $(REPORT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 16
     lr: float = 2e-3
-    reid_epochs: int = 12
+    reid_epochs: int = 20
     deid_epochs: int = 10
     level_min: float = 0.0  # blocking levels sampled during decoder training
     level_max: float = 1.0
@@ -72,8 +72,8 @@ class TrainConfig:
 class FederatedConfig:
     """Flower run settings (server/ and client/ read these)."""
 
-    rounds: int = 3
-    local_epochs: int = 2
+    rounds: int = 6
+    local_epochs: int = 3
     strategy: str = "fedavg"  # or "fedprox"
     proximal_mu: float = 0.01
     fraction_train: float = 1.0

@@ -45,7 +45,8 @@ def rate(fn, n_images: int, repeats: int) -> float:
     return n_images * repeats / (time.perf_counter() - t0)
 
 
-def linear_probe(spec: str, train: ImageSet, test: ImageSet, size: int) -> float:
+def linear_probe(spec: str, train: ImageSet, test: ImageSet, size: int, seed: int = 0) -> float:
+    torch.manual_seed(seed)  # the random-init twin must be the same network every run
     enc = build_encoder(spec, size)
     device = torch.device("cpu")
 
