@@ -112,6 +112,18 @@ def dp_noise(cfg: Config, target_eps: float, dp: str, site_size: int) -> float:
     return noise_for_epsilon(target_eps, cfg.privacy.delta, q, steps)
 
 
+def save_figure(fig: Any, axes: Any, path: Path) -> None:
+    """Grid, legends, tight layout, atomic PNG: how every figure of this script ends."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_save(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
 def plot_compare(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -126,12 +138,7 @@ def plot_compare(curves: dict[str, dict[str, list[float]]], path: Path, title: s
     axes[0].set(xlabel="attacker P@1 on de-identified images (lower = more private)", ylabel="finding AUC (utility)",
                 title=title)
     axes[1].set(xlabel="privacy level (fraction of patches blocked)", ylabel="finding AUC")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_save(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, axes, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,12 +305,7 @@ def _plot_sweep(rows: list[dict[str, Any]], key: str, path: Path, xlabel: str) -
         for ax in axes:
             ax.set_xscale("log")
             ax.annotate("no DP", (inf_x, ax.get_ylim()[0]), fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_save(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, axes, path)
 
 
 if __name__ == "__main__":
