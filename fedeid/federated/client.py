@@ -221,6 +221,16 @@ def _global_model(cfg: Config, msg: Message) -> tuple[Any, dict[str, torch.Tenso
     return model, state
 
 
+def _site_round(msg: Message, context: Context) -> tuple[Config, RunOptions, int, Path, ImageSet, Any, Any,
+                                                          dict[str, torch.Tensor], ConfigRecord]:
+    """What both handlers start from: config, this site's data and ReID, the received global model."""
+    cfg, opts, site, sdir, data = _setup(msg, context)
+    reid = site_reid(cfg, data, sdir, site)
+    model, state = _global_model(cfg, msg)
+    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    return cfg, opts, site, sdir, data, reid, model, state, conf
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received decoupler + decoder on this site's data; reply with them and scalars."""
     from fedeid.models.deid_model import shared_state
@@ -228,10 +238,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     from fedeid.train import train_deid
 
     t0 = time.perf_counter()
-    cfg, opts, site, sdir, data = _setup(msg, context)
-    reid = site_reid(cfg, data, sdir, site)
-    model, state = _global_model(cfg, msg)
-    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    cfg, opts, site, sdir, data, reid, model, state, conf = _site_round(msg, context)
     mu = float(conf.get("proximal-mu", 0.0))  # type: ignore[arg-type]
     epochs = int(conf.get("local-epochs", cfg.fed.local_epochs))  # type: ignore[arg-type]
     private = make_private(cfg, load_ledger(context, sdir))
@@ -299,10 +306,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedeid.deid.pipeline import DeIdentifier
 
     t0 = time.perf_counter()
-    cfg, opts, site, sdir, data = _setup(msg, context)
-    reid = site_reid(cfg, data, sdir, site)
-    model, _ = _global_model(cfg, msg)
-    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    cfg, opts, site, _, data, reid, model, _, conf = _site_round(msg, context)
     level = float(conf.get("eval-level", opts.eval_level))  # type: ignore[arg-type]
     figures = local_figures(DeIdentifier.from_models(model, reid, cfg, device=cfg.train.device), data, level)
     figures.update(num_examples=len(data), site_id=site, handler_seconds=time.perf_counter() - t0)
