@@ -11,6 +11,7 @@ from fedeid.data.synthetic import generate
 from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.benchmark import evaluate_and_report, methods_for
 from fedeid.eval.report import Evaluator, acceptance, split_gallery, summary_table
+from fedeid.models.deid_model import cfg_findings
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,9 @@ def test_report_has_every_figure_for_every_method_and_level(bench, tmp_path):
         # level 0 changes nothing: same figures for every method, perfect quality
         assert m["ssim"][0] == 1.0 and m["p_at_1"][0] == results["reference"]["p_at_1_original"]
         assert all(0.0 <= p <= 1.0 for p in m["p_at_1"])
+        for macro, by_finding in zip(m["utility_auc"], m["utility_auc_by_finding"]):
+            assert set(by_finding) <= set(cfg_findings(cfg)) and by_finding
+            assert macro == pytest.approx(np.mean(list(by_finding.values())))
     assert results["reference"]["chance_p_at_1"] == pytest.approx(1 / 6)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["methods"]["fedeid"]["p_at_1"] == methods["fedeid"]["p_at_1"]

@@ -33,10 +33,11 @@ from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.baselines import BASELINES
-from fedeid.eval.metrics import macro_auc, psnr, reid_metrics, ssim
+from fedeid.eval.metrics import macro_auc, per_finding_auc, psnr, reid_metrics, ssim
 from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
 from fedeid.io import atomic_write_json
 from fedeid.models.backbone import ConvNet
+from fedeid.models.deid_model import cfg_findings
 from fedeid.models.reid import ReIDNet
 from fedeid.train import as_tensor, batched, resolve_device, train_classifier, train_reid
 
@@ -93,18 +94,21 @@ class Evaluator:
         return reid_metrics(q, self.test.patient_ids[self.queries], self.gallery_emb,
                             self.test.patient_ids[self.gallery])
 
-    def score(self, method: Method, level: float, adaptive: bool = True) -> dict[str, float]:
+    def score(self, method: Method, level: float, adaptive: bool = True) -> dict[str, Any]:
         """Every figure of one method at one level."""
         t0 = time.perf_counter()
         deid_test = method(self.test.images, level)
         seconds = time.perf_counter() - t0
         privacy = self._privacy(self.attacker, deid_test)
-        row: dict[str, float] = {
+        scores = self._scores(self.classifier, deid_test)
+        row: dict[str, Any] = {
             "p_at_1": privacy["p_at_1"],
             "map_at_r": privacy["map_at_r"],
             "verification_auc": privacy["verification_auc"],
             "chance_p_at_1": privacy["chance_p_at_1"],
-            "utility_auc": macro_auc(self.test.labels, self._scores(self.classifier, deid_test)),
+            "utility_auc": macro_auc(self.test.labels, scores),
+            # which finding a method loses is the first thing to ask when the macro AUC drops
+            "utility_auc_by_finding": per_finding_auc(self.test.labels, scores, cfg_findings(self.cfg)),
             "ssim": ssim(deid_test, self.test.images),
             "psnr": psnr(deid_test, self.test.images) if level > 0 else None,  # identical images: infinite
             "deid_images_per_s": len(deid_test) / max(seconds, 1e-9),
@@ -136,7 +140,7 @@ class Evaluator:
 
     def run(self, methods: dict[str, Method], levels: tuple[float, ...]) -> dict[str, Any]:
         """Score every method at every level; level 0 is shared (it changes no image)."""
-        shared_zero: dict[str, float] | None = None
+        shared_zero: dict[str, Any] | None = None
         out: dict[str, dict[str, list[float]]] = {}
         bar = tqdm(total=len(methods) * len(levels), desc="evaluate", disable=not self.progress)
         for name, method in methods.items():
@@ -159,6 +163,7 @@ class Evaluator:
             "reference": {
                 "p_at_1_original": reference["p_at_1"],
                 "utility_auc_original": reference["utility_auc"],
+                "utility_auc_by_finding_original": reference["utility_auc_by_finding"],
                 "chance_p_at_1": reference["chance_p_at_1"],
                 "n_test_patients": int(len(np.unique(self.test.patient_ids))),
                 "n_queries": int(len(self.queries)),
