@@ -70,6 +70,18 @@ def test_acceptance_reads_the_figures():
     assert acc["dominates"]["blur"]["dominates"]
 
 
+def test_acceptance_counts_p_at_1_exactly_three_times_chance():
+    """60 patients, 180 queries: 9 hits is P@1 0.05, exactly 3 x chance, but chance (a mean of
+    180 times 1/60, as reid_metrics computes it) rounds below 1/60."""
+    chance = float(np.mean(np.full(180, 1 / 60)))
+    assert 9 / 180 > 3 * chance  # the float trap this guards against
+    results = {
+        "reference": {"chance_p_at_1": chance, "p_at_1_original": 1.0, "utility_auc_original": 0.9},
+        "methods": {"fedeid": {"levels": [0, 0.5, 1], "p_at_1": [1.0, 9 / 180, 0.0], "utility_auc": [0.9, 0.85, 0.8]}},
+    }
+    assert acceptance(results)["first_level_p_at_1_le_3x_chance"] == 0.5
+
+
 def test_unknown_baseline_is_refused(bench):
     cfg, _, _ = bench
     cfg = preset("test")
