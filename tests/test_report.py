@@ -51,7 +51,7 @@ def test_report_has_every_figure_for_every_method_and_level(bench, tmp_path):
     assert on_disk["methods"]["fedeid"]["p_at_1"] == methods["fedeid"]["p_at_1"]
     assert (tmp_path / "privacy_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     acc = results["acceptance"]
-    assert set(acc["dominates"]) == {"block", "blur", "pixelate", "dppix"}
+    assert set(acc["dominates"]) == set(acc["dominates_adaptive"]) == {"block", "blur", "pixelate", "dppix"}
     assert "| fedeid | 0.0 |" in summary_table(results)
 
 
@@ -68,6 +68,23 @@ def test_acceptance_reads_the_figures():
     assert acc["first_level_p_at_1_le_3x_chance"] == 1.0
     assert acc["utility_ratio_there"] == pytest.approx(0.75 / 0.8)
     assert acc["dominates"]["blur"]["dominates"]
+    assert "dominates_adaptive" not in acc  # this run measured no adaptive attacker
+
+
+def test_acceptance_judges_the_adaptive_attacker_too():
+    """Blur looks private to the fixed attacker, but the adaptive one reads identity back."""
+    results = {
+        "reference": {"chance_p_at_1": 0.05, "p_at_1_original": 0.9, "utility_auc_original": 0.8},
+        "methods": {
+            "fedeid": {"levels": [0, 1], "p_at_1": [0.9, 0.3], "adaptive_p_at_1": [0.9, 0.3],
+                       "utility_auc": [0.8, 0.7]},
+            "blur": {"levels": [0, 1], "p_at_1": [0.9, 0.1], "adaptive_p_at_1": [0.9, 0.6],
+                     "utility_auc": [0.8, 0.75]},
+        },
+    }
+    acc = acceptance(results)
+    assert not acc["dominates"]["blur"]["dominates"]
+    assert acc["dominates_adaptive"]["blur"]["dominates"]
 
 
 def test_acceptance_counts_p_at_1_exactly_three_times_chance():

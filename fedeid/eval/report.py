@@ -182,14 +182,19 @@ def acceptance(results: dict[str, Any], method: str = "fedeid") -> dict[str, Any
     # a level exactly at three times chance fails on the last bit of a float
     private = np.flatnonzero(p1 <= 3 * ref["chance_p_at_1"] + 1e-9)
     at = int(private[0]) if len(private) else None
-    curve = list(zip(m["p_at_1"], m["utility_auc"]))
     # Points any method reaches for free: release the originals, or release nothing (AUC 0.5).
     free = [(ref["chance_p_at_1"], 0.5), (ref["p_at_1_original"], ref["utility_auc_original"])]
-    dominance = {}
-    for name, other in results["methods"].items():
-        if name != method:
-            dominance[name] = pareto_dominance(curve, list(zip(other["p_at_1"], other["utility_auc"])),
-                                               utility_tol=DOMINANCE_TOLERANCE, trivial_points=free)
+
+    def dominance(attack: str) -> dict[str, Any]:
+        curve = list(zip(m[attack], m["utility_auc"]))
+        return {name: pareto_dominance(curve, list(zip(other[attack], other["utility_auc"])),
+                                       utility_tol=DOMINANCE_TOLERANCE, trivial_points=free)
+                for name, other in results["methods"].items()
+                if name != method and attack in other}
+
+    # the adaptive attacker is the stronger threat: a baseline whose identity the attacker learns
+    # to read back (blur, pixelation) is judged by it too, when the run measured it
+    adaptive = {"dominates_adaptive": dominance("adaptive_p_at_1")} if "adaptive_p_at_1" in m else {}
     return {
         "p_at_1_level0": float(p1[levels == 0][0]) if (levels == 0).any() else None,
         "p_at_1_level0_ge_0.8": bool((p1[levels == 0] >= 0.8).all()) if (levels == 0).any() else None,
@@ -197,7 +202,8 @@ def acceptance(results: dict[str, Any], method: str = "fedeid") -> dict[str, Any
         "first_level_p_at_1_le_3x_chance": float(levels[at]) if at is not None else None,
         "utility_ratio_there": float(auc[at] / ref["utility_auc_original"]) if at is not None else None,
         "utility_ratio_ge_0.9": bool(auc[at] / ref["utility_auc_original"] >= 0.9) if at is not None else None,
-        "dominates": dominance,
+        "dominates": dominance("p_at_1"),
+        **adaptive,
     }
 
 
