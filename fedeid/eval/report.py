@@ -141,7 +141,7 @@ class Evaluator:
     def run(self, methods: dict[str, Method], levels: tuple[float, ...]) -> dict[str, Any]:
         """Score every method at every level; level 0 is shared (it changes no image)."""
         shared_zero: dict[str, Any] | None = None
-        out: dict[str, dict[str, list[float]]] = {}
+        out: dict[str, dict[str, list[Any]]] = {}
         bar = tqdm(total=len(methods) * len(levels), desc="evaluate", disable=not self.progress)
         for name, method in methods.items():
             rows = []
