@@ -29,6 +29,13 @@ def build_site_reid(cfg: Config) -> ReIDNet:
     return ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, len(cfg_findings(cfg)))
 
 
+def reid_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> ReIDNet:
+    """A site's ReID network rebuilt from its state (a mismatch raises RuntimeError)."""
+    net = build_site_reid(cfg)
+    net.load_state_dict(state)
+    return net.eval()
+
+
 class DeIdentifier:
     def __init__(self, model: DeIdModel, reid: ReIDNet, cfg: Config, device: str | torch.device = "auto",
                  modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> None:
@@ -64,10 +71,9 @@ class DeIdentifier:
             raise InputError(path, "checkpoint holds no ReID network (a global federated model): "
                                    "pass the site's ReID checkpoint too")
         model = DeIdModel(cfg)
-        reid_net = build_site_reid(cfg)
         try:
             load_shared_state(model, ckpt["shared_state"])
-            reid_net.load_state_dict(reid_state)
+            reid_net = reid_from_state(cfg, reid_state)
         except (ValueError, RuntimeError) as exc:
             raise InputError(path, f"weights do not fit the stored config: {exc}") from exc
         return cls(model, reid_net, cfg, device, tuple(ckpt["modalities"]))

@@ -141,18 +141,10 @@ def reid_fingerprint(cfg: Config, data: ImageSet) -> str:
                         hashlib.sha256(np.ascontiguousarray(data.images[:8]).tobytes()).hexdigest())
 
 
-def reid_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> Any:
-    """The site's ReID network (embedding + finding head) rebuilt from its state."""
-    from fedeid.deid.pipeline import build_site_reid
-
-    net = build_site_reid(cfg)
-    net.load_state_dict(state)
-    return net.eval()
-
-
 def site_reid(cfg: Config, data: ImageSet, sdir: Path, site: int) -> Any:
     """The site's ReID network: loaded from ``reid.pt`` if trained for this data/config, else trained."""
     from fedeid.checkpoint import load_checkpoint, save_checkpoint
+    from fedeid.deid.pipeline import reid_from_state
     from fedeid.train import train_reid
 
     path = sdir / REID
