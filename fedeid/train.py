@@ -122,10 +122,10 @@ def train_reid(data: ImageSet, cfg: Config, *, epochs: int | None = None, init: 
 
     def step(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, labels = (t.to(device) for t in batch)
-        x = augment(x)
-        loss = head(net(x), y)
-        if net.finding_head is not None:
-            loss = loss + F.binary_cross_entropy_with_logits(net.findings(x), labels)
+        emb, logits = net.embed_with_findings(augment(x))
+        loss = head(emb, y)
+        if logits is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(logits, labels)
         return loss, {"reid_loss": loss.detach().expand(len(x))}
 
     optimise([*net.parameters(), *head.parameters()],
@@ -242,9 +242,10 @@ def deid_losses(model: DeIdModel, reid: ReIDNet, x: torch.Tensor, mask: torch.Te
     med = (F.binary_cross_entropy_with_logits(dec.finding_logits(codes.medical), labels, reduction="none").mean(1)
            + F.binary_cross_entropy_with_logits(dec.finding_logits(out_mu), labels, reduction="none").mean(1))
     blocked = mask.flatten(1).mean(1)
-    id_sim = (reid(out) * ident).sum(1)
-    task = (F.binary_cross_entropy_with_logits(reid.findings(out), labels, reduction="none").mean(1)
-            if reid.finding_head is not None else torch.zeros_like(rec))
+    emb, finding_logits = reid.embed_with_findings(out)
+    id_sim = (emb * ident).sum(1)
+    task = (F.binary_cross_entropy_with_logits(finding_logits, labels, reduction="none").mean(1)
+            if finding_logits is not None else torch.zeros_like(rec))
     return {
         "task": task,
         "rec": rec,

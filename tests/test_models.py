@@ -130,3 +130,18 @@ def test_native_resolution_composition(cfg):
     out, mask = d.deidentify_native(image, 0.6)
     assert out.shape == image.shape and 0.5 < mask.mean() < 0.7
     assert np.array_equal(out[~mask], image[~mask])
+
+
+def test_site_reid_gives_embedding_and_findings_from_one_pass(cfg):
+    from fedeid.deid.pipeline import build_site_reid
+    from fedeid.models.deid_model import cfg_findings
+    from fedeid.models.reid import ReIDNet
+
+    torch.manual_seed(0)
+    net = build_site_reid(cfg).eval()
+    x = torch.rand(3, 1, 64, 64)
+    emb, logits = net.embed_with_findings(x)
+    assert torch.allclose(emb, net(x), atol=1e-6)  # the same embedding forward() gives
+    assert logits is not None and logits.shape == (3, len(cfg_findings(cfg)))
+    attacker_emb, none = ReIDNet(cfg.model.reid_size, cfg.model.reid_dim).eval().embed_with_findings(x)
+    assert none is None and attacker_emb.shape == (3, cfg.model.reid_dim)

@@ -29,11 +29,16 @@ class ReIDNet(ConvNet):
         self.dim = dim
         self.finding_head = nn.Linear(self.head.in_features, n_findings) if n_findings else None
 
-    def findings(self, x: torch.Tensor) -> torch.Tensor:
-        """Finding logits [B, F] (only for a site network built with ``n_findings``)."""
-        if self.finding_head is None:
-            raise ValueError("this ReID network has no finding head")
-        return self.finding_head(self.features(x).mean(dim=(2, 3)))
+    def embed_with_findings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Identity embedding [B, dim] and finding logits [B, F] (None without a finding head).
+
+        Both come from one pass of the shared features: the training losses need both for the
+        same images, and a second pass would double the backbone's cost (and, in training, move
+        its BatchNorm statistics twice per batch).
+        """
+        pooled = self.features(x).mean(dim=(2, 3))
+        logits = self.finding_head(pooled) if self.finding_head is not None else None
+        return F.normalize(self.head(pooled), dim=1), logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(super().forward(x), dim=1)
