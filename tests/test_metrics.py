@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fedeid.eval.metrics import macro_auc, per_finding_auc, psnr, psnr_per_image, reid_metrics, ssim, ssim_per_image
+from fedeid.eval.metrics import (macro_auc, per_finding_auc, psnr, psnr_per_image, reid_metrics, similarity_metrics, ssim,
+                                 ssim_per_image)
 from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
 
 
@@ -201,3 +202,36 @@ def test_pareto_dominance_on_constructed_curves() -> None:
     assert pareto_dominance(a, [(0.9, 0.85)], trivial_points=[(0.04, 0.5), (0.9, 0.85)])["dominates"]
     r = pareto_dominance(a + [(math.nan, 0.9)], [(0.3, 0.7)])
     assert r["n_skipped"] == 1 and r["dominates"]
+
+
+def test_similarity_metrics_scores_any_attackers_matrix():
+    ids = np.repeat(np.arange(10), 2)
+    perfect = (ids[:, None] == ids[None, :]).astype(float) * 5.0  # e.g. keypoint inlier counts
+    m = similarity_metrics(perfect, ids, ids)
+    assert m["p_at_1"] == 1.0 and m["verification_auc"] == 1.0
+    assert m["tpr_at_fpr_1e-2"] == 1.0 and m["tpr_at_fpr_1e-3"] == 1.0
+    flat = similarity_metrics(np.zeros((20, 20)), ids, ids)
+    assert flat["p_at_1"] == pytest.approx(flat["chance_p_at_1"])
+    assert flat["verification_auc"] == 0.5
+    assert flat["tpr_at_fpr_1e-2"] == 0.0  # a constant score cannot separate anything at 1 % FPR
+
+
+def test_tpr_at_fpr_never_counts_a_threshold_that_lets_through_too_many_negatives():
+    # 4 queries of patient 0, one gallery image of theirs (score 0.5) and 100 of other patients:
+    # 400 different-patient pairs, 4 of them (1 %) scoring 0.9 above every positive. At FPR 1 %
+    # those 4 may pass and every positive is linked; at 0.1 % none may, so no positive is.
+    q_ids = np.zeros(4, dtype=int)
+    g_ids = np.arange(101)
+    sims = np.tile(np.r_[0.5, np.linspace(0.0, 0.4, 100)], (4, 1))
+    sims[:, 1] = 0.9
+    m = similarity_metrics(sims, q_ids, g_ids)
+    assert m["tpr_at_fpr_1e-2"] == 1.0
+    assert m["tpr_at_fpr_1e-3"] == 0.0
+
+
+def test_similarity_metrics_rejects_bad_matrices():
+    ids = np.arange(3)
+    with pytest.raises(ValueError, match="shape"):
+        similarity_metrics(np.zeros((3, 2)), ids, ids)
+    with pytest.raises(ValueError, match="non-finite"):
+        similarity_metrics(np.full((3, 3), np.nan), ids, ids)

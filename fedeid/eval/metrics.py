@@ -1,7 +1,9 @@
 """Privacy, utility and image-quality metrics (method.md, A.5).
 
-* Privacy: how well an attacker's embedding re-identifies de-identified images against a gallery
-  of originals — :func:`reid_metrics` (P@1, mAP@R, verification AUC, and the chance level).
+* Privacy: how well an attacker re-identifies de-identified images against a gallery of
+  originals — :func:`similarity_metrics` on any attacker's query × gallery similarity matrix
+  (P@1, mAP@R, verification AUC, TPR at a fixed FPR, and the chance level); :func:`reid_metrics`
+  for embeddings compared by cosine similarity.
 * Utility: :func:`macro_auc` / :func:`per_finding_auc` of a downstream multi-label classifier.
 * Quality: :func:`psnr` and :func:`ssim` (Wang et al. 2004) between originals and outputs.
 
@@ -36,7 +38,7 @@ def _cosine(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     g = gallery.astype(np.float64).reshape(len(gallery), -1)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    return np.round(q @ g.T, _TIE_DECIMALS)
+    return q @ g.T
 
 
 def _query_scores(sims: np.ndarray, relevant: np.ndarray) -> tuple[float, float]:
@@ -81,7 +83,48 @@ def reid_metrics(
 ) -> dict[str, float | int]:
     """Re-identification success of ``query`` embeddings against a ``gallery``, by cosine similarity.
 
-    The attacker ranks gallery items by cosine similarity to each query; a gallery item is a hit
+    The attacker ranks gallery items by cosine similarity to each query; the figures are those of
+    :func:`similarity_metrics` on that matrix. ``query_keys`` / ``gallery_keys`` (given together)
+    exclude pairs whose keys are equal — e.g. the acquisition or source file — so a de-identified
+    image is not matched against its own original when the gallery holds it.
+    """
+    q_emb, g_emb = _to_numpy(query_emb), _to_numpy(gallery_emb)
+    if len(q_emb) != len(_to_numpy(query_ids).reshape(-1)) or len(g_emb) != len(_to_numpy(gallery_ids).reshape(-1)):
+        raise ValueError("embeddings and ids must have the same number of rows")
+    if (query_keys is None) != (gallery_keys is None):
+        raise ValueError("give both query_keys and gallery_keys, or neither")
+    usable = None
+    if query_keys is not None:
+        q_keys, g_keys = _to_numpy(query_keys).reshape(-1), _to_numpy(gallery_keys).reshape(-1)
+        if len(q_keys) != len(q_emb) or len(g_keys) != len(g_emb):
+            raise ValueError("keys must have one entry per embedding")
+        usable = q_keys[:, None] != g_keys[None, :]
+    return similarity_metrics(_cosine(q_emb, g_emb), query_ids, gallery_ids, usable)
+
+
+def _tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
+    """True-positive rate of same-patient pairs at a false-positive rate of at most ``fpr``.
+
+    The threshold is the smallest score that lets through no more than ``fpr`` of the
+    different-patient pairs (ties above it all count), so the figure never overstates what an
+    attacker bound by that false-alarm rate links.
+    """
+    neg = np.sort(scores[~labels])[::-1]
+    pos = scores[labels]
+    k = int(math.floor(fpr * len(neg)))  # negatives allowed above the threshold
+    if k >= len(neg):
+        return 1.0
+    threshold = neg[k]  # pairs must score strictly above the (k+1)-th best negative
+    return float(np.mean(pos > threshold))
+
+
+def similarity_metrics(sims: Any, query_ids: Any, gallery_ids: Any,
+                       usable: Any | None = None) -> dict[str, float | int]:
+    """Re-identification figures of any attacker from its query × gallery similarity matrix.
+
+    Every attacker of the suite (learned embeddings, keypoint inlier counts, patch correlations,
+    foundation-model retrieval) reduces to a matrix ``sims[Q, G]`` where higher means "more likely
+    the same patient"; one function then scores them all the same way. A gallery item is a hit
     when it has the query's patient id. Returned (plain Python numbers):
 
     * ``p_at_1`` — fraction of queries whose most similar gallery item is a hit (top-1 accuracy);
@@ -89,32 +132,28 @@ def reid_metrics(
       number of the query's patient's gallery items;
     * ``verification_auc`` — ROC AUC of the similarity over every usable query–gallery pair,
       same patient (positive) versus different (``nan`` when one class is absent);
+    * ``tpr_at_fpr_1e-2`` / ``tpr_at_fpr_1e-3`` — same-patient pairs linked by a threshold that
+      lets through at most 1 % / 0.1 % of different-patient pairs (``nan`` when a class is absent);
     * ``chance_p_at_1`` — expected P@1 of a random ranking: mean of R / (usable gallery items);
     * ``n_queries`` (scored), ``n_dropped_queries`` (no usable gallery item of their patient),
       ``n_gallery_patients``.
 
-    ``query_keys`` / ``gallery_keys`` (given together) exclude pairs whose keys are equal — e.g.
-    the acquisition or source file — so a de-identified image is not matched against its own
-    original when the gallery holds it. Excluded pairs take part in no metric. Ties in
-    similarity are resolved in expectation over random orders (see module docstring), so
-    identical embeddings score exactly chance.
+    ``usable`` (bool [Q, G]) excludes pairs from every metric. Ties in similarity are resolved in
+    expectation over random orders (see module docstring), so a constant matrix scores exactly
+    chance.
     """
-    q_emb, g_emb = _to_numpy(query_emb), _to_numpy(gallery_emb)
+    sims = np.asarray(_to_numpy(sims), dtype=np.float64)
     q_ids, g_ids = _to_numpy(query_ids).reshape(-1), _to_numpy(gallery_ids).reshape(-1)
-    if len(q_emb) != len(q_ids) or len(g_emb) != len(g_ids):
-        raise ValueError("embeddings and ids must have the same number of rows")
+    if sims.shape != (len(q_ids), len(g_ids)):
+        raise ValueError(f"similarity matrix of shape {sims.shape} does not match "
+                         f"{len(q_ids)} queries x {len(g_ids)} gallery items")
     if len(g_ids) == 0:
         raise ValueError("empty gallery")
-    if (query_keys is None) != (gallery_keys is None):
-        raise ValueError("give both query_keys and gallery_keys, or neither")
-    sims = _cosine(q_emb, g_emb)
+    if not np.isfinite(sims).all():
+        raise ValueError("similarity matrix holds non-finite values")
+    sims = np.round(sims, _TIE_DECIMALS)
     same = q_ids[:, None] == g_ids[None, :]
-    usable = np.ones_like(same)
-    if query_keys is not None:
-        q_keys, g_keys = _to_numpy(query_keys).reshape(-1), _to_numpy(gallery_keys).reshape(-1)
-        if len(q_keys) != len(q_ids) or len(g_keys) != len(g_ids):
-            raise ValueError("keys must have one entry per embedding")
-        usable = q_keys[:, None] != g_keys[None, :]
+    usable = np.ones_like(same) if usable is None else np.asarray(usable, dtype=bool)
 
     p1, ap, chance, kept = [], [], [], []
     for i in range(len(q_ids)):
@@ -129,14 +168,14 @@ def reid_metrics(
 
     pair_mask = usable[kept]
     pair_labels = same[kept][pair_mask]
-    if len(np.unique(pair_labels)) == 2:
-        auc = float(roc_auc_score(pair_labels, sims[kept][pair_mask]))
-    else:
-        auc = math.nan
+    pair_scores = sims[kept][pair_mask]
+    both = len(np.unique(pair_labels)) == 2
     return {
         "p_at_1": float(np.mean(p1)) if p1 else math.nan,
         "map_at_r": float(np.mean(ap)) if ap else math.nan,
-        "verification_auc": auc,
+        "verification_auc": float(roc_auc_score(pair_labels, pair_scores)) if both else math.nan,
+        "tpr_at_fpr_1e-2": _tpr_at_fpr(pair_labels, pair_scores, 1e-2) if both else math.nan,
+        "tpr_at_fpr_1e-3": _tpr_at_fpr(pair_labels, pair_scores, 1e-3) if both else math.nan,
         "chance_p_at_1": float(np.mean(chance)) if chance else math.nan,
         "n_queries": len(kept),
         "n_dropped_queries": len(q_ids) - len(kept),
