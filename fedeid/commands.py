@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from fedeid.config import Config, preset
-from fedeid.io import InputError, OutputFolder, atomic_save, batch_exit_code, check_new_file
+from fedeid.io import (InputError, OutputFolder, atomic_save, batch_exit_code, check_new_file, file_sha256,
+                       file_stamp)
 
 # Heavy modules (numpy, PIL, torch, the models) are imported inside the command functions, so
 # that ``fedeid --help`` and argument errors answer at once.
@@ -147,13 +148,18 @@ def cmd_deid(args: argparse.Namespace) -> int:
     from fedeid.progress import Progress
 
     deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
-    out.info = {"level": args.level, "model": str(args.model), "reid": str(args.reid) if args.reid else None}
+    out.resume({"level": args.level, "model_sha256": file_sha256(args.model),
+                "reid_sha256": file_sha256(args.reid) if args.reid else None})
     base = args.input if args.input.is_dir() else args.input.parent
-    done, failed = 0, 0
+    done, kept, failed = 0, 0, 0
     with out, Progress(len(files), "de-identify", "image", enabled=not args.no_progress) as progress:
         for path in files:
             rel = path.relative_to(base)
             try:
+                stamp = file_stamp(path)
+                if out.unchanged(str(rel), output_name(rel), stamp):
+                    kept += 1
+                    continue
                 target = out.claim(output_name(rel), str(path))
                 image = read_image(path)
                 result, _ = deidentifier.deidentify_native(image, args.level)
@@ -166,9 +172,11 @@ def cmd_deid(args: argparse.Namespace) -> int:
                 out.record(str(rel), None, "failed", error.reason)
                 failed += 1
             else:
-                out.record(str(rel), output_name(rel), "deidentified")
+                out.record(str(rel), output_name(rel), "deidentified", stamp=stamp)
                 done += 1
-            progress.update()
-    print(f"de-identified {done} image(s) at level {args.level}; {failed} failed; "
+            finally:
+                progress.update()
+    again = f" ({kept} unchanged since the last run, kept)" if kept else ""
+    print(f"de-identified {done + kept} image(s) at level {args.level:g}{again}; {failed} failed; "
           f"manifest: {out.manifest_path}")
-    return batch_exit_code(done, failed)
+    return batch_exit_code(done + kept, failed)

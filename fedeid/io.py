@@ -33,7 +33,9 @@ EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_CODES_HELP = (
     "exit status: 0 everything was done; 1 some inputs failed or were refused (each is named on "
-    "stderr, the rest were done); 2 usage error or nothing to do (e.g. an empty input folder).")
+    "stderr, the rest were done); 2 usage error or nothing to do (e.g. an empty input folder); "
+    "130 interrupted (the batch's manifest is written first, so rerunning into the same folder needs no "
+    "--overwrite).")
 
 MANIFEST_NAME = "fedeid-manifest.json"
 
@@ -109,6 +111,20 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None
         writer(fh)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The file's SHA-256 (hex): names a model in a manifest by content, not by a path that may move."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_stamp(path: str | os.PathLike[str]) -> str:
+    """Size and modification time: what tells a rerun that an input has not changed since."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def check_output_location(inputs: Iterable[str | os.PathLike[str]], output: str | os.PathLike[str]) -> None:
     """Refuse an output that is, holds or lies inside an input (symlinks resolved).
 
@@ -153,30 +169,59 @@ class OutputFolder:
         self._real_root = self.root.resolve()
         if self.root.exists() and not self.root.is_dir():
             raise InputError(self.root, "exists and is not a folder; give a folder for the outputs")
+        nearest = next(p for p in (self.root, *self.root.absolute().parents) if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise InputError(self.root, f"cannot be written ({nearest} is not writable)")
         self.command = command
         self.overwrite = overwrite
         self.flush_seconds = flush_seconds
         self.manifest_path = self.root / MANIFEST_NAME
-        self.ours = self._read_manifest()
+        self.previous = self._read_manifest()
+        outputs = self.previous["outputs"] if "outputs" in self.previous else [
+            f.get("output") for f in self.previous.get("files", []) if isinstance(f, dict)]
+        self.ours = {o for o in outputs if isinstance(o, str) and o}
         self.written: set[str] = set()
         self.claimed: dict[str, str] = {}
         self.records: list[dict[str, str]] = []
         self.info: dict[str, Any] = {}
+        self._done_before: dict[str, dict[str, Any]] = {}
         self._last_flush = time.monotonic()
 
-    def _read_manifest(self) -> set[str]:
-        """Outputs an earlier run recorded; a manifest fedeid cannot read is a foreign file."""
+    def _read_manifest(self) -> dict[str, Any]:
+        """The earlier run's manifest ({} if none); one fedeid cannot read is a foreign file."""
         if not self.manifest_path.exists():
-            return set()
+            return {}
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            outputs = data["outputs"] if "outputs" in data else [f["output"] for f in data["files"]]
-            return {str(o) for o in outputs if isinstance(o, str) and o}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(data, dict) or not isinstance(data.get("outputs", data.get("files")), list):
+                raise ValueError("no list of outputs")
+            return data
+        except (OSError, ValueError) as exc:
             if self.overwrite:
-                return set()
-            raise InputError(self.manifest_path, f"is not a fedeid manifest ({type(exc).__name__}); refusing to "
+                return {}
+            raise InputError(self.manifest_path, f"is not a fedeid manifest ({exc}); refusing to "
                                                  "overwrite it (pass --overwrite to replace it)") from exc
+
+    def resume(self, info: dict[str, Any]) -> None:
+        """Describe this run (``info`` goes into the manifest); when an earlier run here had the
+        same ``info``, :meth:`unchanged` lets its finished, still-present outputs stand."""
+        self.info = info
+        if all(self.previous.get(k) == v for k, v in info.items()) and self.previous.get("command") == self.command:
+            self._done_before = {r["input"]: r for r in self.previous.get("files", [])
+                                 if isinstance(r, dict) and r.get("stamp") and isinstance(r.get("input"), str)}
+
+    def unchanged(self, source: str, rel: str | os.PathLike[str], stamp: str) -> bool:
+        """True (and recorded) when the earlier run of the same settings already wrote ``rel``
+        from this very input (same ``stamp``, e.g. size and modification time) and it is still there."""
+        key = Path(rel).as_posix()
+        before = self._done_before.get(source)
+        if before is None or before.get("output") != key or before.get("stamp") != stamp:
+            return False
+        if not (self.root / key).is_file() or key in self.claimed:
+            return False
+        self.claim(key, source)
+        self.record(source, key, str(before["status"]), "unchanged since the last run", stamp=stamp)
+        return True
 
     def claim(self, rel: str | os.PathLike[str], source: str = "") -> Path:
         """The path to write ``rel`` to, or InputError naming why this input may not be written there."""
@@ -202,12 +247,14 @@ class OutputFolder:
         self.claimed[key] = source or key
         return target
 
-    def record(self, source: str, rel: str | os.PathLike[str] | None, status: str, reason: str = "") -> None:
-        """Note one input's outcome (``rel`` is its written output, None when nothing was written)."""
+    def record(self, source: str, rel: str | os.PathLike[str] | None, status: str, reason: str = "",
+               stamp: str = "") -> None:
+        """Note one input's outcome (``rel`` is its written output, None when nothing was written;
+        ``stamp`` identifies the input's version, so a rerun can tell it is unchanged)."""
         out = Path(rel).as_posix() if rel is not None else ""
         if out:
             self.written.add(out)
-        self.records.append({"input": source, "output": out, "status": status, "reason": reason})
+        self.records.append({"input": source, "output": out, "status": status, "reason": reason, "stamp": stamp})
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.save()
 

@@ -145,6 +145,48 @@ def test_foreign_files_are_kept_unless_overwrite_and_reruns_replace_their_own(tm
     assert (out / "notes.txt").read_bytes() == b"unrelated"
 
 
+def test_an_interrupted_batch_leaves_its_manifest_and_resumes(tmp_path, model, monkeypatch, capsys):
+    import fedeid.data.loaders as loaders
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_png(src / f"{i}.png", seed=i)
+    read = loaders.read_image
+    calls, stop_at = [], [2]
+
+    def read_then_stop(path):
+        calls.append(path)
+        if len(calls) in stop_at:
+            raise KeyboardInterrupt
+        return read(path)
+
+    monkeypatch.setattr(loaders, "read_image", read_then_stop)
+    args = ["deid", str(src), str(out), "--model", str(model), "--level", "0"]
+    assert main(args) == 130
+    assert json.loads((out / MANIFEST_NAME).read_text())["outputs"] == ["0.png"]
+    calls.clear()
+    stop_at.clear()
+    assert main(args) == 0 and sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png", "2.png"]
+    assert [p.name for p in calls] == ["1.png", "2.png"]  # 0.png was done and is kept, not redone
+    assert "3 image(s) at level 0 (1 unchanged since the last run, kept)" in capsys.readouterr().out
+    assert main([*args[:-1], "0.5"]) == 0  # other settings: everything is redone
+    assert len(calls) == 5
+
+
+def test_generate_reruns_into_its_own_folder_but_never_over_a_users_file(tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    argv = ["generate", "--preset", "test", "--out", str(out), "--no-progress", "--set", "data.patients_per_site=1",
+            "--set", "data.test_patients=1", "--set", "data.images_per_patient=1"]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    mine = next(out.glob("site0/*.png"))
+    mine.write_bytes(b"edited by the user")
+    (out / MANIFEST_NAME).write_text(json.dumps({"outputs": []}))
+    assert main(argv) == 2
+    assert f"{mine}: the output exists and was not written by fedeid" in capsys.readouterr().err
+    assert mine.read_bytes() == b"edited by the user"
+
+
 def make_nan_model(path, model):
     ckpt = torch.load(model, weights_only=True)
     key = next(iter(ckpt["shared_state"]))
@@ -160,6 +202,7 @@ MISTAKES = {
     "out-holds-in": (["deid", "{in}", "{root}"], "holds the input"),
     "single-file-out-its-folder": (["deid", "{in}/a.png", "{in}"], "holds the input"),
     "single-file-out-is-it": (["deid", "{in}/a.png", "{in}/a.png"], "is the input itself"),
+    "out-through-symlink-into-in": (["deid", "{in}", "{root}/link/out"], "lies inside the input"),
     "existing-file-out": (["deid", "{in}", "{root}/file.txt"], "file.txt: exists and is not a folder"),
     "empty-in": (["deid", "{root}/empty", "{root}/out"], "empty: no images found"),
     "dicom-without-suffix": (["deid", "{root}/dicomish", "{root}/out"], "use `fedeid dicom deid`"),
@@ -180,6 +223,7 @@ def test_mistakes_get_a_one_line_reason_and_touch_nothing(tmp_path, model, mista
     (tmp_path / "dicomish").mkdir()
     (tmp_path / "dicomish" / "IM0001").write_bytes(b"\0" * 128 + b"DICM")
     (tmp_path / "file.txt").write_bytes(b"garbage, not a model\n" * 10)
+    (tmp_path / "link").symlink_to(tmp_path / "in")
     if mistake == "nan-model":
         make_nan_model(tmp_path / "nan.pt", model)
     before = digest(tmp_path)
