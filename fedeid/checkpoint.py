@@ -62,7 +62,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise InputError(path, "not a fedeid checkpoint (not a PyTorch archive: empty, truncated or another format)")
+        raise InputError(path, "not a readable checkpoint (not a PyTorch archive: empty, truncated or another format)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files

@@ -210,7 +210,7 @@ MISTAKES = {
     "train-out-exists": (["train", "--preset", "test", "--out", "{root}/file.txt"], "file.txt: exists; refusing"),
     "train-out-folder": (["train", "--preset", "test", "--out", "{in}"], "is a folder"),
     "folder-model": (["deid", "{in}", "{root}/out", "--model", "{in}"], "is a folder, not a checkpoint file"),
-    "garbage-model": (["deid", "{in}", "{root}/out", "--model", "{root}/file.txt"], "not a fedeid checkpoint"),
+    "garbage-model": (["deid", "{in}", "{root}/out", "--model", "{root}/file.txt"], "file.txt: not a readable checkpoint (not a PyTorch archive"),
     "nan-model": (["deid", "{in}", "{root}/out", "--model", "{root}/nan.pt"], "NaN or Inf"),
 }
 
@@ -245,6 +245,15 @@ def test_every_input_refused_exits_1(tmp_path, model, capsys):
     (src / "a.png").write_bytes(b"not a png")
     assert main(["deid", str(src), str(tmp_path / "out"), "--model", str(model), "--level", "0.5"]) == 1
     assert "a.png:" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_needs_code_is_refused_without_unsafe_advice(tmp_path):
+    import fractions
+
+    torch.save({"format": "fedeid-checkpoint", "payload": fractions.Fraction(1, 3)}, tmp_path / "code.pt")
+    with pytest.raises(InputError, match=r"code\.pt: not a fedeid checkpoint \(it holds objects other than") as info:
+        DeIdentifier.load(tmp_path / "code.pt")
+    assert "weights_only" not in str(info.value)
 
 
 def test_nan_weights_are_refused_by_load(tmp_path, model):
