@@ -2,10 +2,12 @@
 
 Each figure is a whole subprocess run (interpreter start, imports, parsing, printing), repeated
 and interleaved so that a busy machine slows every command alike; the median and the minimum
-are reported. Two peers run in the same loop: the bare interpreter (the floor no command can go
-below) and ``import torch`` (what every ``--help`` cost when the command modules imported it).
+are reported. Peers run in the same loop: the bare interpreter (the floor no command can go
+below), ``import torch`` (what every ``--help`` cost when the command modules imported it) and,
+with ``--baseline-root``, ``fedeid --help`` from another checkout (e.g. the commit before).
 
-Usage: ``python simulations/benchmarks/cli_startup.py --out reports/cli_startup.json [--repeats 15]``
+Usage: ``python simulations/benchmarks/cli_startup.py --out reports/cli_startup.json [--repeats 15]
+[--baseline-root ../old-checkout]``
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ COMMANDS = {
 }
 
 
-def time_run(args: list[str], env: dict[str, str]) -> float:
+def time_run(args: list[str], root: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(root)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], check=True, stdout=subprocess.DEVNULL, env=env)
+    subprocess.run([sys.executable, *args], check=True, stdout=subprocess.DEVNULL, env=env, cwd=root)  # -m: cwd first
     return time.perf_counter() - start
 
 
@@ -45,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("reports/cli_startup.json"))
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--baseline-root", type=Path, help="another fedeid checkout to time `fedeid --help` from")
     args = p.parse_args(argv)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():
-        time_run(cmd, env)  # warm the file cache once
+    runs = {name: (cmd, ROOT) for name, cmd in COMMANDS.items()}
+    if args.baseline_root:
+        runs[f"fedeid --help from {args.baseline_root}"] = (COMMANDS["fedeid --help"], args.baseline_root.resolve())
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for cmd, root in runs.values():
+        time_run(cmd, root)  # warm the file cache once
     for _ in range(args.repeats):
-        for name, cmd in COMMANDS.items():
-            times[name].append(time_run(cmd, env))
+        for name, (cmd, root) in runs.items():
+            times[name].append(time_run(cmd, root))
     rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "runs": len(t)} for name, t in times.items()}
     for name, row in rows.items():
         print(f"{name:45s} median {row['median_s']:.3f} s   min {row['min_s']:.3f} s   ({row['runs']} runs)")
