@@ -9,7 +9,10 @@ checkpoint has no ReID state: that network never leaves a site.
 
 from __future__ import annotations
 
+import pickle
 import platform
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +51,28 @@ def save_checkpoint(path: str | Path, cfg: Config, *, shared: dict[str, torch.Te
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read and validate; a missing, corrupt or foreign file raises InputError naming it."""
+    """Read and validate; a missing, corrupt, foreign or non-finite file raises InputError naming it.
+
+    Only plain data and tensors are unpickled (``weights_only``), so a hostile file cannot run
+    code; a file that needs more is refused as such, never with advice to load it unsafely.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a checkpoint file")
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise InputError(path, "not a readable checkpoint (not a PyTorch archive: empty, truncated or another format)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(path, "not a fedeid checkpoint (it holds objects other than plain data and tensors; "
+                               "refused, as loading them could run code)") from exc
     except Exception as exc:  # torch raises many types for a bad file
-        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {first})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not a fedeid checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -65,4 +82,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         payload["config_obj"] = Config.from_dict(payload["config"])
     except (KeyError, ValueError) as exc:
         raise InputError(path, f"checkpoint config is invalid: {exc}") from exc
+    for part in ("shared_state", "reid_state"):
+        check_weights(path, part, payload.get(part))
     return payload
+
+
+def check_weights(path: Path, part: str, state: Any) -> None:
+    """Refuse weights that are not a dict of tensors, or hold NaN/Inf: a model trained into
+    divergence (or a tampered file) would otherwise de-identify into garbage without a word."""
+    if state is None and part == "reid_state":
+        return
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError(path, f"not a fedeid checkpoint ({part} is not a set of named tensors)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise InputError(path, f"weights hold NaN or Inf values ({part}: {bad[0]}{more}); the model is unusable")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
-
 from fedeid.config import Config, preset
-from fedeid.io import InputError, atomic_save
+from fedeid.io import (InputError, OutputFolder, atomic_save, batch_exit_code, check_new_file, file_sha256,
+                       file_stamp)
+
+# Heavy modules (numpy, PIL, torch, the models) are imported inside the command functions, so
+# that ``fedeid --help`` and argument errors answer at once.
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm"}
 
@@ -22,6 +21,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="starting configuration (default: quick, 128 px)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.deid_epochs=20 (repeatable)")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """``--overwrite`` and ``--no-progress``, the same for every command that writes files."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files that fedeid did not write (default: refuse them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -35,30 +41,34 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train ReID + decoupler + decoder centrally and save a checkpoint",
-                       description="Train the site's ReID network, then the MDL decoupler and the "
+    p = sub.add_parser("train", description="Train the site's ReID network, then the MDL decoupler and the "
                                    "compensation decoder on the configured data (synthetic by default, "
                                    "or --set data.source=labels.csv), and save a DeIdentifier checkpoint.")
     add_config_args(p)
-    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.pt)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.pt; must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("deid", help="de-identify a folder of images at a privacy level",
+    p = sub.add_parser("deid",
                        description="De-identify every PNG/JPEG/TIFF/NPY/DICOM image under IN (recursively) "
-                                   "at --level and write 16-bit PNGs mirroring the tree under OUT. Images keep "
-                                   "their resolution; only blocked patches are synthesised. Bad files are "
-                                   "reported and skipped; inputs are never modified. For DICOM in and DICOM "
-                                   "out with header de-identification use `fedeid dicom deid`.")
+                                   "at --level and write 16-bit PNGs mirroring the tree under OUT: a.png -> "
+                                   "a.png, a.jpg -> a.jpg.png (so a.png and a.jpg never share an output). "
+                                   "Images keep their resolution; only blocked patches are synthesised. Bad "
+                                   "files are reported and skipped; inputs are never modified. OUT must lie "
+                                   "outside IN (and outside the folder of a single input file); a file in OUT "
+                                   "that no fedeid run recorded in OUT/fedeid-manifest.json is never replaced "
+                                   "without --overwrite. For DICOM in and DICOM out with header "
+                                   "de-identification use `fedeid dicom deid`.")
     p.add_argument("input", type=Path, help="folder (or single file) of images")
-    p.add_argument("output", type=Path, help="output folder")
+    p.add_argument("output", type=Path, help="output folder (created; must lie outside IN)")
     p.add_argument("--model", required=True, type=Path, help="DeIdentifier checkpoint")
     p.add_argument("--reid", type=Path, help="this site's ReID checkpoint (for a global federated model)")
     p.add_argument("--level", required=True, type=float, help="privacy level in [0, 1]: fraction of patches blocked")
     p.add_argument("--device", default="auto")
+    add_output_args(p)
     p.set_defaults(func=cmd_deid)
 
-    p = sub.add_parser("evaluate", help="privacy/utility/quality of fedeid vs baselines (JSON + PNG)",
-                       description="Train fedeid centrally (or load --model), then measure re-identification "
+    p = sub.add_parser("evaluate", description="Train fedeid centrally (or load --model), then measure re-identification "
                                    "(P@1, mAP@R, verification AUC, adaptive attacker), finding AUC (also "
                                    "retrained), SSIM and PSNR at every level for fedeid and the baselines "
                                    "(blur, pixelate, DP-Pix, blocking without compensation, no decoupler). "
@@ -70,11 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    check_new_file(args.out, args.overwrite)  # before minutes of training, not after
+
     from fedeid.data.imageset import ImageSet
     from fedeid.data.loaders import load_dataset
     from fedeid.eval.benchmark import train_central
 
-    cfg = config_from_args(args)
     sites, _ = load_dataset(cfg.data)
     deidentifier, metrics = train_central(ImageSet.concat(sites), cfg, progress=True)
     deidentifier.save(args.out, extra={"training": metrics})
@@ -83,6 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(args.out, "exists and is not a folder; give a folder for the report")
+
     from fedeid.data.imageset import ImageSet
     from fedeid.data.loaders import load_dataset
     from fedeid.deid.pipeline import DeIdentifier
@@ -101,34 +116,67 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def find_images(root: Path) -> list[Path]:
+    """The images to de-identify; none at all is an error, not a successful empty run."""
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise InputError(root, "no such file or folder")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(root, f"no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}; for DICOM files "
+                               "without a .dcm suffix use `fedeid dicom deid`)")
+    return files
+
+
+def output_name(rel: Path) -> Path:
+    """Where ``rel``'s de-identified PNG goes: the input's relative path with its full name kept
+    (``x.jpg`` -> ``x.jpg.png``; a PNG keeps its name), so ``x.png`` and ``x.jpg`` stay apart."""
+    return rel if rel.suffix.lower() == ".png" else rel.with_name(rel.name + ".png")
 
 
 def cmd_deid(args: argparse.Namespace) -> int:
-    from fedeid.data.loaders import read_image
-    from fedeid.deid.pipeline import DeIdentifier
-
-    deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
     if not 0.0 <= args.level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
     files = find_images(args.input)
+    out = OutputFolder(args.output, [args.input], "deid", overwrite=args.overwrite)
+
+    import numpy as np
+    from PIL import Image
+
+    from fedeid.data.loaders import read_image
+    from fedeid.deid.pipeline import DeIdentifier
+    from fedeid.progress import Progress
+
+    deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
+    out.resume({"level": args.level, "model_sha256": file_sha256(args.model),
+                "reid_sha256": file_sha256(args.reid) if args.reid else None})
     base = args.input if args.input.is_dir() else args.input.parent
-    done, failed = 0, 0
-    for path in tqdm(files, desc="de-identify", unit="img"):
-        try:
-            image = read_image(path)
-            out, _ = deidentifier.deidentify_native(image, args.level)
-        except InputError as exc:
-            print(f"fedeid: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        target = (args.output / path.relative_to(base)).with_suffix(".png")
-        pixels = np.round(out * 65535).astype(np.uint16)
-        atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
-        done += 1
-    print(f"de-identified {done} image(s) at level {args.level}; {failed} failed")
-    return 0 if failed == 0 else 1
+    done, kept, failed = 0, 0, 0
+    with out, Progress(len(files), "de-identify", "image", enabled=not args.no_progress) as progress:
+        for path in files:
+            rel = path.relative_to(base)
+            try:
+                stamp = file_stamp(path)
+                if out.unchanged(str(rel), output_name(rel), stamp):
+                    kept += 1
+                    continue
+                target = out.claim(output_name(rel), str(path))
+                image = read_image(path)
+                result, _ = deidentifier.deidentify_native(image, args.level)
+                pixels = np.round(result * 65535).astype(np.uint16)
+                atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
+            except (InputError, OSError) as exc:
+                error = exc if isinstance(exc, InputError) else InputError(path, f"cannot write its output: "
+                                                                                f"{exc.strerror or exc}")
+                progress.message(f"fedeid: {error}")
+                out.record(str(rel), None, "failed", error.reason)
+                failed += 1
+            else:
+                out.record(str(rel), output_name(rel), "deidentified", stamp=stamp)
+                done += 1
+            finally:
+                progress.update()
+    again = f" ({kept} unchanged since the last run, kept)" if kept else ""
+    print(f"de-identified {done + kept} image(s) at level {args.level:g}{again}; {failed} failed; "
+          f"manifest: {out.manifest_path}")
+    return batch_exit_code(done + kept, failed)

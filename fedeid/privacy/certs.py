@@ -64,8 +64,7 @@ def _now() -> _dt.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-    os.chmod(path, 0o600)
+    atomic_write_bytes(path, data, private=True)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
