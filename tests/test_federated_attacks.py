@@ -289,6 +289,6 @@ def test_site_policy_checks_noise_delta_and_budget():
     cfg.privacy.delta = 1e-5
     policy = SitePolicy({"epsilon-budget": 50})
     assert policy.refusal(cfg, 24, 1, []) is None
-    spent = [(1.0, 1 / 3, 3)] * 400
+    spent = [(1.0, 1 / 3, 1200)]
     assert "over its budget" in policy.refusal(cfg, 24, 1, spent)
     assert policy.exceeded(51.0) and policy.exceeded(49.0) is None
