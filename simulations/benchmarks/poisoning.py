@@ -16,11 +16,12 @@ Attacks (the hostile site's reply):
   it passes every value check, so only the rule limits it.
 
 Reported: ``‖G_attacked − G_honest‖ / ‖F_honest − G_0‖`` — the L2 distance between the round's
-global model with the hostile site and the same round when that site is honest (same rule, same
-DP noise draw: the noise cancels, what remains is the attacker's effect and, where its reply
-was rejected, the loss of one site), in units of the all-honest FedAvg step without DP
-(``F_honest − G_0``). With DP on (``--noise`` multiplier, clipping norm = the median honest
-update norm) the norm of the noise itself, in the same unit, is printed below.
+global model with the hostile site and the same round when that site is honest (same rule;
+where the hostile reply was rejected, what remains is the loss of one site), in units of the
+all-honest FedAvg step without DP (``F_honest − G_0``). With DP on, every update is clipped to
+the median honest update norm and aggregated by the rule; the Gaussian noise, which does not
+depend on the replies, is left out of the distance and its expected norm at ``--noise`` ×
+the rule's sensitivity is printed below in the same unit.
 
 Usage: ``python simulations/benchmarks/poisoning.py --out reports/poisoning.json [--preset quick]``
 """
@@ -127,9 +128,9 @@ def main() -> None:
             cfg = preset(args.preset)
             cfg.data.n_sites = cfg.fed.min_clients = n
             cfg.fed.aggregation = rule
-            if dp:
+            if dp:  # clipping and the rule at z = 0; the noise (independent of the replies) is sized below
                 cfg.privacy.mode = "central"
-                cfg.privacy.noise_multiplier = args.noise
+                cfg.privacy.noise_multiplier = 0.0
                 cfg.privacy.clipping_norm = median_norm
             ref, ref_info = one_round(cfg, glob, honest, [CLAIM] * n, args.seed)
             unit = unit or float(np.linalg.norm(ref - g0))
@@ -140,25 +141,27 @@ def main() -> None:
                 row = {"dp": dp, "rule": rule, "attack": attack, "relative_distance": dist / unit,
                        "rejections": info.get("rejections", {}), "aggregated": info.get("aggregated"),
                        "weights": info.get("screen", {}).get("weights")}
-                if dp:  # the all-honest round's noise, for scale
-                    row["noise_std"] = ref_info["central_dp"]["noise_std"]
+                if dp:  # the noise z * sensitivity * N(0, I) the round adds at --noise: its expected norm
+                    row["noise_std"] = args.noise * ref_info["central_dp"]["sensitivity"]
                     row["noise_relative"] = row["noise_std"] * np.sqrt(g0.size) / unit
                 rows.append(row)
     seconds = time.perf_counter() - t0
     for dp in (False, True):
-        print(f"\nrelative L2 distance from the all-honest aggregate, DP {'on (z=%g, C=median honest norm)' % args.noise if dp else 'off'}")
+        print("\nL2 distance from the all-honest aggregate (unit: the honest FedAvg step), DP "
+              + ("on (clipped to C = median honest norm; noise not included)" if dp else "off"))
         print(f"{'attack':<16}" + "".join(f"{r:>14}" for r in RULES))
         for attack in ATTACKS:
             cells = [next(x for x in rows if x["dp"] == dp and x["rule"] == r and x["attack"] == attack) for r in RULES]
             print(f"{attack:<16}" + "".join(f"{c['relative_distance']:>13.3g}{' ' if c['aggregated'] else '*'}"
                                             for c in cells))
         if dp:
-            print(f"{'(noise itself)':<16}" + "".join(
+            print(f"{'noise at z=%g' % args.noise:<16}" + "".join(
                 f"{next(x for x in rows if x['dp'] and x['rule'] == r)['noise_relative']:>14.3g}" for r in RULES))
     print("* round not aggregated (fewer valid replies than the rule needs): the global model is kept")
     print(f"\n{n} sites (1 hostile), {g0.size} parameters ({args.preset} preset), {seconds:.1f} s")
     atomic_write_json(args.out, {"preset": args.preset, "sites": n, "hostile": 1, "parameters": int(g0.size),
-                                 "step": args.step, "noise_multiplier": args.noise, "clipping_norm": median_norm,
+                                 "step": args.step, "unit_l2": unit, "noise_multiplier": args.noise,
+                                 "clipping_norm": median_norm,
                                  "defaults": {"update_norm_factor": cfg0.fed.update_norm_factor,
                                               "weighting": cfg0.fed.weighting,
                                               "max_weight_ratio": cfg0.fed.max_weight_ratio,
