@@ -127,6 +127,7 @@ def test_claiming_1e9_examples_is_capped(tmp_path):
     result, out = _run(tmp_path / "claim", _cfg(), federation(target, hostile=3))
     screen = result["history"][0]["screen"]
     assert sorted(screen["weights"]) == [CLAIM, CLAIM, CLAIM, 3 * CLAIM]  # capped at 3 x the median claim
+    assert screen["weights_capped_nodes"] == [1003]
     # with plain (claimed) weights the attacker's model would be the global model
     result, plain = _run(tmp_path / "plain", _cfg(fed__weighting="claimed"), federation(target, hostile=3))
     g0 = _global(start)

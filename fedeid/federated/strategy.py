@@ -131,6 +131,10 @@ class _FedeidMixin:
                          max_examples=f.max_examples)
         for i, kind, reason in checked.rejected:
             reject(candidates[i], kind, reason)
+        capped = [int(candidates[i].metadata.src_node_id) for i in checked.info.pop("weights_capped", [])]
+        if capped:
+            checked.info["weights_capped_nodes"] = capped
+            log.warning("round %d: num-examples claims of nodes %s capped", server_round, capped)
         valid = [candidates[i] for i in checked.kept]
         kept = [updates[i] for i in checked.kept]
         info.update(replies=len(replies), valid=len(valid), failures=info.get("sampled", len(replies)) - len(valid),
