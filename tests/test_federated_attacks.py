@@ -205,6 +205,31 @@ def test_a_second_server_on_the_same_out_dir_is_refused(tmp_path):
     assert (tmp_path / "server" / "global.pt").exists()
 
 
+def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path):
+    """Another process' ServerApp holds the folder; once it is killed (SIGKILL: no clean-up), it is free."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+            "from fedeid.federated.checkpoints import exclusive\n"
+            "with exclusive(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "server"), str(root)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=f"pid {proc.pid}"):
+            with exclusive(tmp_path / "server"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with exclusive(tmp_path / "server") as lock:  # the kernel released it with the dead process
+        assert lock.read_text().strip() == str(os.getpid())
+
+
 def test_checkpoint_and_accountant_are_saved_before_a_model_is_released(tmp_path):
     cfg = _cfg(rounds=3, n_sites=2, privacy__mode="central", privacy__noise_multiplier=1.0)
     out = tmp_path / "server"

@@ -107,6 +107,10 @@ def sensitivity(rule: str, m: int, clip: float, *, trim: float = 0.2, byzantine:
     values kept per coordinate) and median ``2C``; Krum and multi-krum output a (mean of)
     update(s) inside the ``C`` ball, hence ``2C``; Bulyan's output lies per coordinate within
     the range of the ``θ`` selected updates, a vector of norm at most ``√θ·C``, hence ``2√θ·C``.
+
+    Limit: the RDP accountant's sub-sampling amplification (``fed.fraction_train < 1``) is
+    derived for add/remove-one adjacency; with a robust rule and sub-sampled sites, read its ε
+    as indicative. With every site sampled (the default) the bound above is what it composes.
     """
     if rule == "mean":
         return clip / m
