@@ -96,7 +96,19 @@ def _poison_first(value):
     return fn
 
 
+def _hide_image(arrays, glob):
+    """Pixels of a 64x64 'image' written over the largest weight array (right name, shape, dtype)."""
+    arrays = dict(arrays)
+    key = max(arrays, key=lambda k: arrays[k].size)
+    carrier = arrays[key].copy()
+    n = min(carrier.size, 64 * 64)
+    carrier.flat[:n] = np.random.default_rng(7).random(n).astype(carrier.dtype)
+    arrays[key] = carrier
+    return arrays, CLAIM
+
+
 ATTACKS = {
+    "image-in-weights": (_hide_image, "update-norm"),
     "nan": (_with(_poison_first(np.nan)), "non-finite"),
     "inf": (_with(_poison_first(np.inf)), "non-finite"),
     "scaled-1e6": (_with(lambda v, g: (g + 1e6 * (v - g)).astype(v.dtype)), "update-norm"),
