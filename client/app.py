@@ -3,6 +3,9 @@
 Node config: ``site-id`` (synthetic site, default: the simulation's partition-id), ``data``
 (a CSV / folder of the site's own images), ``state-dir`` (where the site keeps its ReID network
 and privacy ledger). Raw images, per-image features and the ReID network never leave the node.
+The site's own privacy policy — ``require-local-dp=true``, ``min-noise-multiplier=...``,
+``epsilon-budget=...``, ``max-delta=...`` — is enforced here, whatever the run config asks
+(fedeid.privacy.local.SitePolicy): a round asking for less is refused and nothing is sent.
 """
 
 from flwr.app import Context, Message

@@ -79,6 +79,23 @@ class FederatedConfig:
     fraction_train: float = 1.0
     min_clients: int = 2
     num_supernodes: int = 3
+    # How replies are combined (fedeid.federated.robust): "mean" (FedAvg), "trimmed-mean",
+    # "median", "krum", "multi-krum" or "bulyan". Every rule sees only replies that passed the
+    # value checks below, and composes with central DP (noise scaled to the rule's sensitivity).
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2  # trimmed-mean: fraction cut from each tail, per coordinate
+    byzantine: int = 1  # krum / multi-krum / bulyan: sites assumed hostile per round
+    # Value checks on every reply (fedeid.federated.screen): an update whose L2 norm exceeds
+    # max_update_norm (0: no absolute bound) or update_norm_factor x the round's median update
+    # norm (0: off) is rejected, with or without DP.
+    max_update_norm: float = 0.0
+    update_norm_factor: float = 10.0
+    # "capped": num-examples weights, each claim capped at max_weight_ratio x the round's median
+    # claim and at max_examples (0: no absolute cap); "equal": every site weighs the same;
+    # "claimed": trust the sites' claims (plain FedAvg; only among sites you trust).
+    weighting: str = "capped"
+    max_weight_ratio: float = 3.0
+    max_examples: int = 0
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What travels, and the checks that nothing else does.
 
 A train reply from a site is a :class:`~flwr.app.RecordDict` with exactly two records:
-``"arrays"`` — an :class:`~flwr.app.ArrayRecord` whose names and shapes equal
+``"arrays"`` — an :class:`~flwr.app.ArrayRecord` whose names, shapes and dtypes equal
 :func:`fedeid.models.shared_state` (the decoupler and decoder, nothing else), and ``"metrics"`` —
 a :class:`~flwr.app.MetricRecord` of scalars. :func:`reply_problems` is checked by the server on
 every reply (a reply that fails is dropped and counted as a failure) and by the tests.
@@ -23,6 +23,8 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 WEIGHT_KEY = "num-examples"
+#: The reason of an error reply by which a site refuses a round under its own privacy policy.
+REFUSED = "refused by site policy"
 
 Spec = dict[str, tuple[tuple[int, ...], str]]
 
@@ -77,6 +79,8 @@ def spec_problems(record: ArrayRecord, expected: Spec) -> list[str]:
     for k in sorted(set(got) & set(expected)):
         if got[k][0] != expected[k][0]:
             problems.append(f"{k}: shape {got[k][0]} != {expected[k][0]}")
+        if got[k][1] != expected[k][1]:
+            problems.append(f"{k}: dtype {got[k][1]} != {expected[k][1]}")
     return problems
 
 

@@ -7,15 +7,29 @@
     <out>/state.json                {"round": 7, "checkpoint": "checkpoints/round-007.pt"}
     <out>/global.pt                 the final global model (a fedeid checkpoint, no ReID)
 
-Order of writes after a round: checkpoint, metrics, then the ``state.json`` pointer — each
-atomic — so a server killed at any moment resumes from a consistent last round.
+    <out>/.lock                     held (flock) by the one ServerApp writing this folder
+
+A round is saved right after aggregation — checkpoint with the central-DP accountant, metrics,
+then the ``state.json`` pointer, each atomic — and *before* its model is sent to anyone (the
+clients' evaluate step, the next round): a server killed at any moment resumes from a
+consistent last round, and no released model is missing from the accountant.
+
+Only one ServerApp may write a folder: :func:`exclusive` takes an ``fcntl.flock`` on
+``<out>/.lock`` for the ServerApp's life; a second one fails at once. The kernel drops the lock
+when its process dies, so a crashed server never leaves a stale lock behind.
 ``global.pt`` is loadable by :meth:`fedeid.deid.pipeline.DeIdentifier.load` together with a
 site's ReID checkpoint (``DeIdentifier.load("global.pt", reid="site-0/reid.pt")``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +38,8 @@ import torch
 from fedeid.checkpoint import load_checkpoint, save_checkpoint
 from fedeid.config import Config
 from fedeid.io import InputError, atomic_write_json
+
+log = logging.getLogger("fedeid.federated")
 
 
 def _plain(obj: Any) -> Any:
@@ -84,8 +100,47 @@ class RunDir:
         return self.global_path
 
 
-def check_resumable(saved: Config, current: Config, path: Path) -> None:
-    """Resuming must not change the networks or the data; rounds/epochs/DP settings may change."""
+PRIVACY_FIELDS = ("mode", "noise_multiplier", "clipping_norm", "delta")
+
+
+def check_resumable(saved: Config, current: Config, path: Path, *, force: bool = False) -> None:
+    """Resuming must not change the networks or the data; the privacy settings only when forced.
+
+    A silently changed noise multiplier (or mode, clipping norm, delta) would make the ε
+    reported for the run describe a mechanism that was not the one applied. With ``force`` the
+    change is allowed and logged; the ε already spent is kept by the caller either way.
+    """
     for section in ("model", "data"):
         if getattr(saved, section) != getattr(current, section):
             raise InputError(path, f"cannot resume: the {section} configuration differs from the checkpoint's")
+    changed = [f"privacy.{k} {getattr(saved.privacy, k)!r} -> {getattr(current.privacy, k)!r}"
+               for k in PRIVACY_FIELDS if getattr(saved.privacy, k) != getattr(current.privacy, k)]
+    if changed and not force:
+        raise InputError(path, "cannot resume: the privacy settings differ from the checkpoint's ("
+                         + ", ".join(changed) + "); set fedeid.force-resume=true to resume anyway "
+                         "(the ε already spent stays in the summary)")
+    if changed:
+        log.warning("forced resume with changed privacy settings: %s",
+                                                      ", ".join(changed))
+
+
+@contextmanager
+def exclusive(root: Path) -> Iterator[Path]:
+    """Hold ``<root>/.lock`` (``fcntl.flock``, non-blocking) for the ``with`` block, or fail at once."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise InputError(root, f"another ServerApp (pid {holder}) is writing this folder; "
+                                   "stop it or use another fedeid.out-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -17,6 +17,11 @@ simulation on one machine — ``<fedeid.out-dir>/sites/site-<id>``; a real Super
 
 A train reply holds exactly the decoupler/decoder arrays and scalar metrics (see
 :mod:`fedeid.federated.arrays`); an evaluate reply holds scalar metrics only.
+
+The site's own privacy policy (node config ``require-local-dp``, ``min-noise-multiplier``,
+``epsilon-budget``, ``max-delta``; :class:`fedeid.privacy.local.SitePolicy`) is checked before
+training: a round the run configures with less protection, or one that would take the site's
+ε over its budget, is answered with an error reply giving the reason and nothing else.
 """
 
 from __future__ import annotations
@@ -30,15 +35,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
-from fedeid.federated.arrays import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, record_to_state, scalar_metrics,
+from fedeid.federated.arrays import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, REFUSED, record_to_state, scalar_metrics,
                                      spec_of, spec_problems, state_to_record)
 from fedeid.federated.runconfig import RunOptions, config_from_run, run_options
 from fedeid.io import InputError, atomic_write_json
 from fedeid.privacy.accountant import History, history_from_flat, history_to_flat
+from fedeid.privacy.local import SitePolicy, make_private
 
 log = logging.getLogger("fedeid.federated")
 
@@ -213,27 +220,37 @@ def _global_model(cfg: Config, msg: Message) -> tuple[Any, dict[str, torch.Tenso
     return model, state
 
 
-def _site_round(msg: Message, context: Context) -> tuple[Config, RunOptions, int, Path, ImageSet, Any, Any,
-                                                          dict[str, torch.Tensor], ConfigRecord]:
-    """What both handlers start from: config, this site's data and ReID, the received global model."""
-    cfg, opts, site, sdir, data = _setup(msg, context)
+def _site_model(cfg: Config, site: int, sdir: Path, data: ImageSet, msg: Message
+                ) -> tuple[Any, Any, dict[str, torch.Tensor], ConfigRecord]:
+    """What both handlers train/evaluate with: this site's ReID, the received global model, the config."""
     reid = site_reid(cfg, data, sdir, site)
     model, state = _global_model(cfg, msg)
-    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    return cfg, opts, site, sdir, data, reid, model, state, conf
+    return reid, model, state, msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+
+
+def refuse(msg: Message, site: int, why: str) -> Message:
+    """An error reply carrying only the reason: no arrays, no metrics."""
+    log.warning("site %d: %s: %s", site, REFUSED, why)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{REFUSED}: {why}"), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received decoupler + decoder on this site's data; reply with them and scalars."""
     from fedeid.models.deid_model import shared_state
-    from fedeid.privacy.local import make_private
     from fedeid.train import train_deid
 
     t0 = time.perf_counter()
-    cfg, opts, site, sdir, data, reid, model, state, conf = _site_round(msg, context)
-    mu = float(conf.get("proximal-mu", 0.0))  # type: ignore[arg-type]
+    cfg, opts, site, sdir, data = _setup(msg, context)
+    conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     epochs = int(conf.get("local-epochs", cfg.fed.local_epochs))  # type: ignore[arg-type]
-    private = make_private(cfg, load_ledger(context, sdir))
+    policy = SitePolicy(dict(context.node_config))
+    ledger = load_ledger(context, sdir)
+    why = policy.refusal(cfg, len(data), epochs, ledger)
+    if why is not None:  # before the model is even loaded: nothing is trained, nothing is sent
+        return refuse(msg, site, why)
+    reid, model, state, conf = _site_model(cfg, site, sdir, data, msg)
+    mu = float(conf.get("proximal-mu", 0.0))  # type: ignore[arg-type]
+    private = make_private(cfg, ledger)
     try:
         metrics: dict[str, Any] = train_deid(model, reid, data, cfg, epochs, private=private, proximal_mu=mu,
                                              global_state=state if mu > 0 else None)
@@ -242,7 +259,10 @@ def handle_train(msg: Message, context: Context) -> Message:
             private.close()
     if private is not None:
         eps = private.epsilon()
-        save_ledger(context, sdir, private.history, cfg.privacy.delta, eps)
+        save_ledger(context, sdir, private.history, cfg.privacy.delta, eps)  # the data were used: ε is spent
+        why = policy.exceeded(eps)
+        if why is not None:
+            return refuse(msg, site, why)
         metrics.update(epsilon=eps, dp_steps=private.steps_this_round, dp_delta=cfg.privacy.delta)
     metrics.update(site_id=site, handler_seconds=time.perf_counter() - t0,
                    round=int(conf.get("server-round", 0)))  # type: ignore[arg-type]
@@ -298,7 +318,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedeid.deid.pipeline import DeIdentifier
 
     t0 = time.perf_counter()
-    cfg, opts, site, _, data, reid, model, _, conf = _site_round(msg, context)
+    cfg, opts, site, sdir, data = _setup(msg, context)
+    reid, model, _, conf = _site_model(cfg, site, sdir, data, msg)
     level = float(conf.get("eval-level", opts.eval_level))  # type: ignore[arg-type]
     figures = local_figures(DeIdentifier.from_models(model, reid, cfg, device=cfg.train.device), data, level)
     figures.update(num_examples=len(data), site_id=site, handler_seconds=time.perf_counter() - t0)

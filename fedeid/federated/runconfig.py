@@ -10,6 +10,10 @@ Config keys (``"fed.rounds"``, ``"privacy.mode"``, ...; ``""`` = the preset's va
 * ``fedeid.out-dir`` — the server's folder: per-round ``metrics.json``, ``checkpoints/``,
   ``global.pt`` (relative paths are taken from the ServerApp's working directory);
 * ``fedeid.resume`` — continue from the last round checkpoint in ``fedeid.out-dir``;
+* ``fedeid.force-resume`` — resume even though the privacy settings (mode, noise multiplier,
+  clipping norm, delta) differ from the checkpoint's; the ε already spent is kept either way;
+* ``fedeid.wait-timeout`` — seconds to wait for ``fed.min-clients`` sites to be connected
+  before a round; then the ServerApp gives up with a clear error instead of waiting forever;
 * ``fedeid.round-timeout`` — seconds to wait for a round's replies (late sites are dropped);
 * ``fedeid.min-replies`` — fewest valid replies a round needs to be aggregated;
 * ``fedeid.state-dir`` — where simulated sites keep their ReID network and DP accountant
@@ -43,6 +47,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "fedeid.evaluate": True,
     "fedeid.eval-level": 0.5,
     "fedeid.threads": 1,
+    "fedeid.force-resume": False,
+    "fedeid.wait-timeout": 600.0,
 }
 
 
@@ -67,6 +73,8 @@ class RunOptions:
     evaluate: bool = True
     eval_level: float = 0.5
     threads: int = 1
+    force_resume: bool = False
+    wait_timeout: float = 600.0
 
 
 def _bool(v: Any) -> bool:
@@ -79,7 +87,8 @@ def run_options(run_config: dict[str, Any]) -> RunOptions:
     return RunOptions(out_dir=out.resolve(), resume=_bool(g["fedeid.resume"]),
                       round_timeout=float(g["fedeid.round-timeout"]), min_replies=int(g["fedeid.min-replies"]),
                       state_dir=str(g["fedeid.state-dir"] or ""), evaluate=_bool(g["fedeid.evaluate"]),
-                      eval_level=float(g["fedeid.eval-level"]), threads=max(1, int(g["fedeid.threads"])))
+                      eval_level=float(g["fedeid.eval-level"]), threads=max(1, int(g["fedeid.threads"])),
+                      force_resume=_bool(g["fedeid.force-resume"]), wait_timeout=float(g["fedeid.wait-timeout"]))
 
 
 def run_config_for(cfg: Config, **options: Any) -> dict[str, Any]:

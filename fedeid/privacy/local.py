@@ -17,6 +17,7 @@ removes Opacus' hooks afterwards.
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 from typing import Any
@@ -111,3 +112,61 @@ def make_private(cfg: Any, history: History | None = None) -> LocalDP | None:
     if cfg.privacy.mode != "local":
         return None
     return LocalDP.from_config(cfg, history)
+
+
+def _flag(value: Any) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"} if isinstance(value, str) else bool(value)
+
+
+class SitePolicy:
+    """A hospital's own privacy demands, from its SuperNode's node config.
+
+    The run config is the coordinator's; a site that must not release non-private updates
+    cannot rely on it. Node config keys (any of the first three turns the policy on):
+
+    * ``require-local-dp`` — train only under ``privacy.mode = "local"``;
+    * ``min-noise-multiplier`` — the run's DP-SGD noise multiplier must be at least this;
+    * ``epsilon-budget`` — ε (at the run's δ) this site's data may spend over all rounds and
+      runs (its privacy ledger); a round that would exceed it is not trained;
+    * ``max-delta`` — the largest δ the site accepts (default 1e-5): a large δ makes any ε small.
+
+    :meth:`refusal` says why a round must not be trained (``None``: it may).
+    """
+
+    def __init__(self, node_config: dict[str, Any]) -> None:
+        nc = node_config
+        self.min_noise = float(nc.get("min-noise-multiplier", 0) or 0)
+        self.budget = float(nc.get("epsilon-budget", 0) or 0)
+        self.max_delta = float(nc.get("max-delta", 1e-5) or 1e-5)
+        self.active = _flag(nc.get("require-local-dp", False)) or self.min_noise > 0 or self.budget > 0
+
+    def refusal(self, cfg: Any, n_examples: int, epochs: int, history: History) -> str | None:
+        if not self.active:
+            return None
+        p = cfg.privacy
+        if p.mode != "local":
+            return f"the site requires local DP, the run asks for privacy.mode={p.mode!r}"
+        if p.noise_multiplier < self.min_noise:
+            return f"privacy.noise_multiplier {p.noise_multiplier:g} < the site's minimum {self.min_noise:g}"
+        if not 0 < p.delta <= self.max_delta:
+            return f"privacy.delta {p.delta:g} > the site's maximum {self.max_delta:g}"
+        if self.budget > 0:
+            spent = epsilon_of(history, p.delta)
+            after = epsilon_of(history + [projected_round(p.noise_multiplier, n_examples, cfg.train.batch_size,
+                                                          epochs)], p.delta)
+            if after > self.budget:
+                return (f"this round would bring the site's ε from {spent:.3g} to {after:.3g} "
+                        f"(δ={p.delta:g}), over its budget {self.budget:g}")
+        return None
+
+    def exceeded(self, epsilon: float) -> str | None:
+        """After training: the ledger's actual ε over the budget (the update is then not sent)."""
+        if self.budget > 0 and epsilon > self.budget:
+            return f"the site's ε {epsilon:.3g} is over its budget {self.budget:g}"
+        return None
+
+
+def projected_round(noise_multiplier: float, n_examples: int, batch_size: int, epochs: int) -> tuple[float, float, int]:
+    """The accountant entry one round of DP-SGD will add: Poisson sampling at rate 1/batches, batches per epoch."""
+    batches = max(1, math.ceil(n_examples / max(1, batch_size)))
+    return (float(noise_multiplier), 1.0 / batches, int(epochs) * batches)
