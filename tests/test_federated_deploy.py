@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -148,7 +149,7 @@ def test_perimeter_deployment(procs, tmp_path):
                 ["stop", "1"]):
         r = run_cli(["flwr", *cmd, "stolen"], oenv, check=False, timeout=60)
         assert r.returncode != 0, r.stdout
-    with httpx.Client(verify=str(dep / "site-0" / "ca.crt"), timeout=10) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=dep / "site-0" / "ca.crt"), timeout=10) as http:
         for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs",
                      "/health"):
             assert http.post(f"https://127.0.0.1:{fleet}{path}", content=b"").status_code == 403, path
@@ -197,16 +198,20 @@ def test_perimeter_deployment(procs, tmp_path):
     assert np.isfinite(img).all() and 0.3 < mask.mean() < 0.7
 
 
-def test_unregistered_supernode_exits_nonzero(procs, tmp_path):
-    """flower-supernode refused by the SuperLink; ``fedeid site run`` reports it with exit code 3."""
-    from fedeid.federated.site import EXIT_REFUSED
+def test_refused_supernodes_exit_nonzero(procs, tmp_path):
+    """``fedeid site run`` ends non-zero when the SuperLink refuses its SuperNode: an unregistered key
+    (flower-supernode itself exits 1 here) and a node unregistered while running (flwr 1.42's
+    SuperNode then logs "terminated gracefully" and exits 0)."""
+    import re
+
+    from fedeid.federated.site import EXIT_NODE_ENDED, EXIT_REFUSED
     from fedeid.privacy.certs import make_supernode_key
 
     app = project_dir()
     fleet, link, runtime = free_ports(3)
     dep = tmp_path / "deploy"
     env = flower_env(tmp_path / "unused")
-    run_cli([sys.executable, "-m", "fedeid.cli", "deploy", "--out", str(dep), "--sites", "1", "--listen",
+    run_cli([sys.executable, "-m", "fedeid.cli", "deploy", "--out", str(dep), "--sites", "2", "--listen",
              f"127.0.0.1:{fleet}", "--fleet-port", str(fleet), "--superlink-port", str(link), "--runtime-port",
              str(runtime + 10), "--app", str(app)], env)
     coord = dep / "coordinator"
@@ -216,14 +221,25 @@ def test_unregistered_supernode_exits_nonzero(procs, tmp_path):
                                     cenv).start())
     wait_for_port(link, proc=procs[0])
     wait_for_port(fleet, proc=procs[1])
-    site = dep / "site-0"
-    make_supernode_key(site / "rogue.key")  # never registered
-    (site / "site.toml").write_text((site / "site.toml").read_text().replace('"supernode.key"', '"rogue.key"'))
-    rogue = ManagedProcess("rogue", ["bash", str(site / "start-site.sh")], tmp_path / "rogue.log", cenv).start()
-    procs.append(rogue)
-    try:
-        rogue.popen.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the refused SuperNode kept running:\n{rogue.log()[-3000:]}")
-    assert rogue.popen.returncode == EXIT_REFUSED, rogue.log()[-3000:]
+    node_ids = re.findall(r"SuperNode (\d+) registered", run_cli(["bash", str(coord / "register-sites.sh")], cenv).stdout)
+    assert len(node_ids) == 2
+    # site-1 is started with a key nobody registered
+    rogue_dir = dep / "site-1"
+    make_supernode_key(rogue_dir / "rogue.key")
+    toml = rogue_dir / "site.toml"
+    toml.write_text(toml.read_text().replace('"supernode.key"', '"rogue.key"'))
+    rogue = ManagedProcess("rogue", ["bash", str(rogue_dir / "start-site.sh")], tmp_path / "rogue.log", cenv).start()
+    honest = ManagedProcess("site-0", ["bash", str(dep / "site-0" / "start-site.sh")], tmp_path / "site-0.log",
+                            cenv).start()
+    procs += [rogue, honest]
+    wait_until(lambda: "SuperNode ID" in honest.log() or not honest.running(), 90, what="site-0 online")
+    # the coordinator revokes site-0 (registered first) while it runs: its next heartbeat gets HTTP 401
+    run_cli(["flwr", "supernode", "unregister", node_ids[0], "fedeid"], cenv)
+    for proc, code in ((rogue, EXIT_REFUSED), (honest, EXIT_NODE_ENDED)):
+        try:
+            proc.popen.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{proc.name}: the refused SuperNode kept running:\n{proc.log()[-3000:]}")
+        assert proc.popen.returncode in (EXIT_REFUSED, EXIT_NODE_ENDED), proc.log()[-3000:]
+        assert proc.popen.returncode == code, proc.log()[-3000:]
     assert "refused this SuperNode" in rogue.log()

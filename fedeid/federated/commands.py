@@ -134,6 +134,7 @@ def certs_command(args: argparse.Namespace) -> int:
         print(f"SuperNode key:      {priv}  (register {pub.name})")
     print("\nflower-superlink --disable-runtime-dependency-installation --enable-supernode-auth \\\n"
           f"  --ssl-ca-certfile {b.ca_cert} --ssl-certfile {b.server_cert} --ssl-keyfile {b.server_key}")
+    print("\n(for a whole deployment, with the Control API kept off the hospitals' address: fedeid deploy)")
     return 0
 
 

@@ -165,7 +165,8 @@ def write_bundle(out: str | os.PathLike[str], sites: list[str], *, app_dir: str 
             f"  --host 127.0.0.1 --port {superlink_port} --database \"$PWD/superlink.db\"\n")
     _script(coord / "start-proxy.sh",
             f"# the hospitals' entry ({listen}): nginx forwards only the Fleet API\n"
-            "mkdir -p nginx\nexec nginx -p \"$PWD/\" -c nginx.conf -g 'daemon off;'\n")
+            "mkdir -p nginx\nPATH=\"$PATH:/usr/sbin\"  # Debian's nginx\n"
+            "exec nginx -p \"$PWD/\" -c nginx.conf -g 'daemon off;'\n")
     _script(coord / "register-sites.sh",
             env + "for pub in sites/*.pub; do flwr supernode register \"$pub\" fedeid; done\n")
     _script(coord / "run.sh",
