@@ -79,6 +79,7 @@ class FederatedConfig:
     fraction_train: float = 1.0
     min_clients: int = 2
     num_supernodes: int = 3
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of site-clipped updates
 
 
 @dataclass
