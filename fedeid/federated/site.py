@@ -55,7 +55,10 @@ def fab_sha256(app_dir: str | os.PathLike[str]) -> str:
     """SHA-256 of the FAB that ``flwr run APP_DIR`` would submit (Flower's own deterministic build)."""
     from flwr.cli.build import build_fab_from_disk
 
-    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+    try:
+        return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+    except (ValueError, OSError) as e:
+        raise InputError(app_dir, f"not a Flower app folder: {e}") from e
 
 
 class FabRefused(PermissionError):
