@@ -24,8 +24,9 @@ so they run inside fedeid's Message-API apps; this module is the adapter:
 
 What the server still sees: each site's scalar training metrics, and who took part. The
 per-reply value checks and robust aggregation rules of the plain path need individual updates
-and do not apply; the only bound on a site's influence is its clipping, which a hostile site can
-skip (SecAgg+ has no proof of well-formed inputs). Reconstruction needs ``threshold`` shares:
+and do not apply; a site's influence is bounded by its own clipping, which a hostile site can
+skip (SecAgg+ has no proof of well-formed inputs): only the quantizer's clamp of every coordinate
+to ``[-C, C]`` still holds, an L2 norm of up to ``C·sqrt(d)``. Reconstruction needs ``threshold`` shares:
 the server together with that many colluding sites could unmask one site.
 """
 
@@ -175,6 +176,10 @@ def secure_train_round(grid: Grid, strategy: Any, server_round: int, arrays: Arr
         info["aggregated"] = False
         return None, None
     mean = [np.asarray(d, dtype=np.float64) for d in parameters_to_ndarrays(one.result)]
+    if not all(np.isfinite(d).all() for d in mean) or [d.shape for d in mean] != [b.shape for b in base]:
+        log.warning("round %d: the secure aggregate is malformed: global model kept", server_round)
+        info.update(aggregated=False, rejected=[{"node": None, "reason": "secure aggregate malformed"}])
+        return None, None
     if strategy.dp is not None:  # central DP: the sites clipped, the server adds the noise
         noise_std = strategy.dp.noise_multiplier * clip / m
         for d in mean:
