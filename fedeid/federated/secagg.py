@@ -25,8 +25,9 @@ so they run inside fedeid's Message-API apps; this module is the adapter:
 What the server still sees: each site's scalar training metrics, and who took part. The
 per-reply value checks and robust aggregation rules of the plain path need individual updates
 and do not apply; a site's influence is bounded by its own clipping, which a hostile site can
-skip (SecAgg+ has no proof of well-formed inputs): only the quantizer's clamp of every coordinate
-to ``[-C, C]`` still holds, an L2 norm of up to ``C·sqrt(d)``. Reconstruction needs ``threshold`` shares:
+skip (SecAgg+ has no proof of well-formed inputs): sending its own integers instead of Flower's
+quantized vector, it can move every coordinate of the sum by up to ``2^32 / 2^22 · 2C = 2048·C``
+(modulus / quantization range); only a non-finite or mis-shaped aggregate is caught. Reconstruction needs ``threshold`` shares:
 the server together with that many colluding sites could unmask one site.
 """
 
