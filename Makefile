@@ -12,31 +12,38 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: main test dicom-tools bench-cli
+.PHONY: main test system-tools bench-cli
 main: $(VENV)/.installed
 	$(VENV)/bin/fedeid simulate --preset quick --adaptive --out $(REPORT)
 
-test: $(VENV)/.installed dicom-tools
+test: $(VENV)/.installed system-tools
 	$(PY) -m pytest -q
 
-# The independent DICOM validators tests/test_dicom_pipeline.py checks outputs with: dciodvfy
-# (dicom3tools) and dcmdump (dcmtk), from Debian/Ubuntu apt, installed when missing (as root, or
-# with password-less sudo). Where that is impossible the tests that need them skip, and this
-# says so loudly; under CI=true they fail instead, so CI never passes without them.
-dicom-tools:
-	@if command -v dciodvfy >/dev/null 2>&1 && command -v dcmdump >/dev/null 2>&1; then exit 0; fi; \
+# The system programs the tests drive, from Debian/Ubuntu apt, installed when missing (as root,
+# or with password-less sudo): the independent DICOM validators dciodvfy (dicom3tools) and
+# dcmdump (dcmtk) that check fedeid's DICOM outputs, and nginx (nginx-light), the Fleet-only
+# proxy of the deployment perimeter. Where installing is impossible the tests that need them
+# skip, and this says so loudly; under CI=true they fail instead, so CI never passes without them.
+SYSTEM_TOOLS := dciodvfy:dicom3tools dcmdump:dcmtk nginx:nginx-light
+
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	    cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	    command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	SUDO=""; if [ "$$(id -u)" -ne 0 ]; then \
 	    if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; fi; \
 	if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
 	    for attempt in 1 2 3; do \
 	        $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 update -qq \
 	        && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install -y -qq \
-	            --no-install-recommends dicom3tools dcmtk && exit 0; \
-	        echo "installing dicom3tools/dcmtk failed (attempt $$attempt)" >&2; sleep 5; \
+	            --no-install-recommends $$missing && exit 0; \
+	        echo "installing$$missing failed (attempt $$attempt)" >&2; sleep 5; \
 	    done; \
 	fi; \
-	echo "*** dicom3tools and dcmtk are missing and could not be installed: the DICOM validator" >&2; \
-	echo "*** tests will be SKIPPED. Install them with: sudo apt-get install dicom3tools dcmtk" >&2
+	echo "*** missing and could not be installed:$$missing -- the tests that need them will be" >&2; \
+	echo "*** SKIPPED. Install them with: sudo apt-get install$$missing" >&2
 
 # Startup time of the command (`fedeid --help` target: under 0.3 s on an idle machine).
 bench-cli: $(VENV)/.installed

@@ -13,11 +13,12 @@ from flwr.clientapp import ClientApp
 
 from fedeid.federated.client import handle_evaluate, handle_train
 from fedeid.federated.logs import setup_logging
+from fedeid.federated.secagg import secure_aggregation_mod
 
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # passes all but SecAgg+ messages straight through
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
     return handle_train(msg, context)

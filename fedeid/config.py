@@ -96,6 +96,7 @@ class FederatedConfig:
     weighting: str = "capped"
     max_weight_ratio: float = 3.0
     max_examples: int = 0
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of site-clipped updates
 
 
 @dataclass

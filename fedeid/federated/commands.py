@@ -1,4 +1,4 @@
-"""``fedeid simulate`` (the main job) and ``fedeid certs``.
+"""``fedeid simulate`` (the main job), ``fedeid certs``, ``fedeid deploy`` and ``fedeid site``.
 
 ``fedeid simulate --preset quick --out reports/main`` trains fedeid federatedly over the
 synthetic hospitals of the preset with Flower's simulation runtime, then evaluates the global
@@ -57,6 +57,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing set")
     p.set_defaults(func=certs_command)
 
+    p = sub.add_parser(
+        "deploy", help="write a whole deployment: certificates, nginx Fleet-only proxy, start scripts, site configs",
+        description="Write into --out one folder per party: coordinator/ (SuperLink on loopback, nginx forwarding "
+                    "only the Fleet API to the hospitals, flwr connection, register/run scripts) and one per site "
+                    "(site.toml with its key, the CA and the pinned app hash; start-site.sh), plus certs/ "
+                    "(the CA: keep ca.key offline).")
+    p.add_argument("--out", required=True, type=Path, help="deployment folder")
+    p.add_argument("--sites", type=int, default=3, help="number of hospitals (site-0 ... site-N-1; default 3)")
+    p.add_argument("--site", action="append", default=None, metavar="NAME", help="site names instead of --sites")
+    p.add_argument("--public-host", default="127.0.0.1", help="name or IP the hospitals reach the coordinator at")
+    p.add_argument("--listen", default=None, help="nginx listen address (default 0.0.0.0:<fleet-port>)")
+    p.add_argument("--fleet-port", type=int, default=9092, help="the hospitals' port (nginx; default 9092)")
+    p.add_argument("--superlink-port", type=int, default=9093, help="the SuperLink's loopback port (default 9093)")
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="site i's SuperNode Runtime API port is this + i, on loopback (default 9094)")
+    p.add_argument("--app", type=Path, default=None, help="the Flower app folder to pin (default: this fedeid's)")
+    p.add_argument("--force", action="store_true", help="write over an existing deployment folder")
+    p.set_defaults(func=deploy_command)
+
+    p = sub.add_parser("site", help="a hospital's SuperNode that runs only its pinned app; the app pin",
+                       description="`fedeid site run site.toml`: start the SuperNode and run only ClientApps "
+                                   "whose FAB hash site.toml pins; exit 3 if the SuperLink refuses the node, 4 if "
+                                   "it ends on its own. `fedeid site pin APP_DIR`: the FAB hash `flwr run APP_DIR` "
+                                   "submits.")
+    ss = p.add_subparsers(dest="site_command", required=True)
+    q = ss.add_parser("run", help="start this site's SuperNode (see site.toml)")
+    q.add_argument("site_toml", type=Path)
+    q.set_defaults(func=site_run_command)
+    q = ss.add_parser("pin", help="print the SHA-256 of the FAB built from an app folder")
+    q.add_argument("app_dir", type=Path)
+    q.set_defaults(func=site_pin_command)
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    from fedeid.federated.perimeter import write_bundle
+    from fedeid.federated.simulation import project_dir
+
+    app = args.app or project_dir()
+    if app is None:
+        print("fedeid: --app: no Flower app folder found next to this fedeid; name one", file=sys.stderr)
+        return 2
+    sites = args.site or [f"site-{i}" for i in range(args.sites)]
+    b = write_bundle(args.out, sites, app_dir=app, public_host=args.public_host, listen=args.listen,
+                     fleet_port=args.fleet_port, superlink_port=args.superlink_port,
+                     runtime_port=args.runtime_port, force=args.force)
+    print(f"coordinator: {b.coordinator}  (start-superlink.sh, start-proxy.sh, register-sites.sh, run.sh)")
+    for d in b.sites:
+        print(f"site:        {d}  (start-site.sh)")
+    print(f"pinned app:  {app}  FAB sha256 {b.fab_sha256}")
+    print(f"CA key:      {b.out / 'certs' / 'ca.key'}  (keep offline; hand each site only its own folder)")
+    return 0
+
+
+def site_run_command(args: argparse.Namespace) -> int:
+    from fedeid.federated.site import run_site
+
+    return run_site(args.site_toml)
+
+
+def site_pin_command(args: argparse.Namespace) -> int:
+    from fedeid.federated.site import fab_sha256
+
+    print(fab_sha256(args.app_dir))
+    return 0
+
 
 def certs_command(args: argparse.Namespace) -> int:
     from fedeid.privacy.certs import DEFAULT_HOSTS, create_certificates
@@ -69,6 +134,7 @@ def certs_command(args: argparse.Namespace) -> int:
         print(f"SuperNode key:      {priv}  (register {pub.name})")
     print("\nflower-superlink --disable-runtime-dependency-installation --enable-supernode-auth \\\n"
           f"  --ssl-ca-certfile {b.ca_cert} --ssl-certfile {b.server_cert} --ssl-keyfile {b.server_key}")
+    print("\n(for a whole deployment, with the Control API kept off the hospitals' address: fedeid deploy)")
     return 0
 
 

@@ -10,6 +10,7 @@ arrives); an exception in a client becomes an error reply, as on a SuperNode.
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -77,7 +78,7 @@ class InProcessGrid(Grid):
                 ids.append(msg.metadata.message_id)
                 continue
             try:
-                reply = self.client_app(msg, self.contexts[node])
+                reply = self.client_app(_delivered(msg), self.contexts[node])
             except Exception as exc:  # noqa: BLE001 - a failing site is a reply with an error
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             self.log.append({"round": server_round, "node": node, "type": msg.metadata.message_type,
@@ -93,6 +94,14 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def _delivered(msg: Message) -> Message:
+    """What a SuperNode hands its ClientApp: a copy of its own (Flower sends the same content object
+    to several nodes, and a ClientApp or mod may change what it receives, as ``secaggplus_mod`` does)."""
+    out = copy.copy(msg)
+    out.content = copy.deepcopy(msg.content)
+    return out
 
 
 def _round_of(msg: Message) -> int:

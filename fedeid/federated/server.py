@@ -27,6 +27,7 @@ from fedeid.config import Config
 from fedeid.federated.arrays import record_to_state, spec_of, state_nbytes, state_to_record
 from fedeid.federated.checkpoints import RunDir, check_resumable, exclusive
 from fedeid.federated.runconfig import RunOptions, config_from_run, run_options
+from fedeid.federated.secagg import secure_train_round
 from fedeid.federated.strategy import make_strategy
 from fedeid.models.deid_model import build_deid_model, shared_state
 from fedeid.privacy.accountant import CentralAccountant
@@ -146,9 +147,14 @@ def _run_federation(grid: Grid, cfg: Config, opts: RunOptions, on_round_end: Rou
         t0 = time.perf_counter()
         train_cfg = ConfigRecord({"local-epochs": int(cfg.fed.local_epochs)})
         messages = strategy.configure_train(server_round, arrays, train_cfg, grid)
-        replies = list(grid.send_and_receive(messages, timeout=opts.round_timeout))
-        t_train = time.perf_counter() - t0
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if cfg.fed.secure_aggregation:  # SecAgg+ instead of per-site replies: fedeid.federated.secagg
+            new_arrays, train_metrics = secure_train_round(grid, strategy, server_round, arrays, list(messages),
+                                                           cfg, opts.round_timeout)
+            t_train = time.perf_counter() - t0
+        else:
+            replies = list(grid.send_and_receive(messages, timeout=opts.round_timeout))
+            t_train = time.perf_counter() - t0
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         t_agg = time.perf_counter() - t0 - t_train

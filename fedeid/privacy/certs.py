@@ -12,6 +12,9 @@ SuperNode authentication, ``--auth-supernode-private-key supernode-<i>``; its ``
 registered once with ``flwr supernode register supernode-<i>.pub <connection>``. Flower
 accepts NIST curves only for SuperNode keys (Ed25519 is refused), hence P-384.
 
+``fedeid deploy`` (:mod:`fedeid.federated.perimeter`) builds a whole deployment on these: the
+same files, handed out per party, plus the Fleet-only proxy, the start scripts and site configs.
+
 Private keys are written with mode 0600. Everything is produced with the ``cryptography``
 package; no ``openssl`` binary is needed.
 """
