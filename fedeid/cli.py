@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dicom": ("fedeid.dicom.commands", "de-identify DICOM: pixels by the model, headers by the PS3.15 Annex E profile"),
     "simulate": ("fedeid.federated.commands", "federated training over simulated hospitals (Flower), then the report"),
     "certs": ("fedeid.federated.commands", "create a CA, the SuperLink TLS certificate and SuperNode keys"),
+    "deploy": ("fedeid.federated.commands", "write a whole deployment: certificates, Fleet-only nginx proxy, start scripts, site configs"),
+    "site": ("fedeid.federated.commands", "a hospital's SuperNode that runs only its pinned app; the app pin"),
 }
 
 
