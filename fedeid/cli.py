@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fedeid.commands",
     "fedeid.dicom.commands",
     "fedeid.federated.commands",
+    "fedeid.audit.commands",
 )
 
 

@@ -78,6 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     sites, _ = load_dataset(cfg.data)
     deidentifier, metrics = train_central(ImageSet.concat(sites), cfg, progress=True)
     deidentifier.save(args.out, extra={"training": metrics})
+    from fedeid.audit import record
+    record("model.release", model=args.out, mode="central", num_examples=int(metrics["num_examples"]))
     print(f"saved {args.out} ({int(metrics['num_examples'])} images, {metrics['train_seconds']:.0f} s)")
     return 0
 
@@ -131,4 +133,6 @@ def cmd_deid(args: argparse.Namespace) -> int:
         atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
         done += 1
     print(f"de-identified {done} image(s) at level {args.level}; {failed} failed")
+    from fedeid.audit import record
+    record("deid.images", inputs=files, model=args.model, level=args.level, outcome={"done": done, "failed": failed})
     return 0 if failed == 0 else 1

@@ -26,6 +26,9 @@ def train_central(train: ImageSet, cfg: Config, progress: bool = True) -> tuple[
     reid = train_reid(train, cfg, progress=progress)
     model = build_deid_model(cfg)
     metrics = train_deid(model, reid, train, cfg, cfg.train.deid_epochs, progress=progress)
+    from fedeid.audit import record
+    record("train.central", sites=int(len(set(train.sites.tolist()))), num_examples=len(train),
+           reid_epochs=cfg.train.reid_epochs, deid_epochs=cfg.train.deid_epochs, privacy=cfg.privacy.mode)
     return DeIdentifier.from_models(model, reid, cfg), metrics
 
 
