@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "fedeid.dicom.commands",
     "fedeid.federated.commands",
     "fedeid.audit.commands",
+    "fedeid.riskreport.commands",
 )
 
 

@@ -7,11 +7,8 @@ import json
 import multiprocessing
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from phi_dicom import PHI, phi_dicom
 
 from fedeid.audit import keys, merkle
 from fedeid.audit.log import AuditLog, countersign, record
@@ -178,39 +175,12 @@ def test_record_refuses_file_names_and_counts_inputs_by_keyed_hash(tmp_path):
     assert b"a.png" not in (tmp_path / "s" / "audit" / "log.jsonl").read_bytes()
 
 
-PHI = {"PatientName": "Quixote^Dulcinea", "PatientID": "MRN-88231-QX", "AccessionNumber": "ACC77341",
-       "InstitutionName": "Hospital Santa Lucia", "ReferringPhysicianName": "Sancho^Panza",
-       "PatientBirthDate": "19470312", "StudyDate": "20210805"}
-
-
-def _phi_dicom(path: Path, i: int) -> list[str]:
-    """A small CR image with identifiers in its header; returns every identifying value written."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    for k, v in PHI.items():
-        setattr(ds, k, f"{v}{i}" if k in ("PatientID", "AccessionNumber") else v)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.BurnedInAnnotation = "CR", "NO"
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(i).integers(0, 4096, (32, 32), dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return [str(ds.PatientID), str(ds.AccessionNumber), ds.StudyInstanceUID, ds.SeriesInstanceUID,
-            ds.SOPInstanceUID, path.name, path.stem]
-
-
 def test_no_phi_in_the_log_after_a_dicom_batch_of_phi_laden_files(tmp_path):
     src = tmp_path / "Quixote_Dulcinea_MRN-88231"
     src.mkdir()
     identifiers = set(PHI.values()) | {"Quixote", "Dulcinea", "Sancho", src.name}
     for i in range(3):
-        identifiers |= set(_phi_dicom(src / f"Quixote_Dulcinea_{i}.dcm", i))
+        identifiers |= set(phi_dicom(src / f"Quixote_Dulcinea_{i}.dcm", i))
     state = tmp_path / "state"
     assert main(["dicom", "keygen", str(tmp_path / "secret")]) == 0
     import os
