@@ -7,6 +7,7 @@ import json
 import multiprocessing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from phi_dicom import PHI, phi_dicom
 
@@ -198,3 +199,60 @@ def test_no_phi_in_the_log_after_a_dicom_batch_of_phi_laden_files(tmp_path):
     raw = b"".join(p.read_bytes() for p in log.root.iterdir() if p.is_file() and p.name != "input-hash.key")
     leaks = [v for v in identifiers if v.encode().lower() in raw.lower()]
     assert not leaks
+
+
+def test_central_training_release_and_deid_runs_are_logged(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("FEDEID_STATE_DIR", str(tmp_path / "state"))
+    assert main(["train", "--preset", "test", "--out", str(tmp_path / "m.pt")]) == 0
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((64, 64)) * 255).astype(np.uint8)).save(
+            tmp_path / "in" / f"Quixote_{i}.png")
+    assert main(["deid", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tmp_path / "m.pt"),
+                 "--level", "0.5"]) == 0
+    log = AuditLog()
+    assert log.verify()["ok"]
+    train, release, deid = log.entries()
+    assert (train["kind"], release["kind"], deid["kind"]) == ("train.central", "model.release", "deid.images")
+    sha = hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+    assert release["data"]["model_sha256"] == deid["data"]["model_sha256"] == sha
+    assert deid["data"]["inputs"]["count"] == 2 and deid["data"]["outcome"] == {"done": 2, "failed": 0}
+    assert b"Quixote" not in log.path.read_bytes()
+
+
+def test_federated_rounds_are_logged_by_the_server_and_every_site(tmp_path, monkeypatch):
+    from client.app import app as client_app
+
+    from fedeid.config import preset
+    from fedeid.federated.inprocess import InProcessGrid
+    from fedeid.federated.runconfig import config_from_run, run_config_for, run_options
+    from fedeid.federated.server import run_federation
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FEDEID_STATE_DIR", str(tmp_path / "server-state"))
+    cfg = preset("test")
+    cfg.fed.rounds = 1
+    cfg.set("privacy.mode", "local")
+    rc = run_config_for(cfg, out_dir=tmp_path / "server", state_dir=tmp_path / "sites", threads=1, evaluate=False)
+    grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(cfg.data.n_sites)], rc)
+    run_federation(grid, config_from_run(rc), run_options(rc))
+    server = AuditLog()
+    assert server.verify()["ok"]
+    rnd, release = server.entries()
+    assert rnd["kind"] == "train.round" and sorted(rnd["data"]["sites"]) == list(range(cfg.data.n_sites))
+    assert set(rnd["data"]["local_dp"]["per_site"]) == {str(s) for s in range(cfg.data.n_sites)}
+    assert release["data"]["model_sha256"] == hashlib.sha256((tmp_path / "server" / "global.pt").read_bytes()).hexdigest()
+    for site in range(cfg.data.n_sites):
+        (entry,) = AuditLog(tmp_path / "sites" / f"site-{site}").entries()
+        assert entry["kind"] == "train.round.site" and entry["data"]["site_id"] == site
+        assert entry["data"]["bytes_sent"] > 0 and entry["data"]["epsilon"] > 0
+    # the report reads the same facts from the checkpoint: rounds, sites, every site's ε, the hash
+    from fedeid.riskreport.document import provenance
+
+    prov = provenance(tmp_path / "server" / "global.pt", None)
+    assert prov["mode"] == "federated" and prov["sha256"] == release["data"]["model_sha256"]
+    fed = prov["federated"]
+    assert fed["rounds"] == 1 and fed["sites"] == [str(s) for s in range(cfg.data.n_sites)]
+    assert fed["local_epsilon"] == rnd["data"]["local_dp"]["per_site"] and fed["central_epsilon"] is None

@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 from collections.abc import Iterable, Iterator
@@ -97,7 +98,7 @@ class AuditLog:
     # -- writing ------------------------------------------------------------------------------
     def append(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         """Append one entry (chained to the last) and return it."""
-        _check_no_paths(data, kind)
+        data = plain(data, kind)
         with self._locked():
             last = _last_line(self.path)
             prev, seq = GENESIS, 0
@@ -265,16 +266,23 @@ def _files(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) ->
     return out
 
 
-def _check_no_paths(obj: Any, where: str) -> None:
-    """The log never names a file: refuse path objects anywhere in an entry's data."""
+def plain(obj: Any, where: str) -> Any:
+    """Entry data as plain JSON: no file paths (the log never names a file), no NaN/inf, no numpy.
+
+    Non-finite floats become the strings ``"inf"``/``"nan"`` (an ε of infinity is a fact worth
+    recording, and canonical JSON has no spelling for it); numpy scalars their Python value.
+    """
     if isinstance(obj, os.PathLike):
         raise TypeError(f"audit entry {where!r}: file paths are not recorded (got {type(obj).__name__})")
     if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_no_paths(v, f"{where}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_no_paths(v, where)
+        return {str(k): plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v, where) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # a numpy scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
 
 
 def _last_line(path: Path) -> bytes:
