@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -62,6 +63,7 @@ def issued(tmp_path_factory):
     DeIdentifier.build(cfg).save(tmp / "model.pt")
     keys.generate_key(tmp / "site.key")
     state = tmp / "state"
+    saved, os.environ["FEDEID_STATE_DIR"] = os.environ["FEDEID_STATE_DIR"], str(state)  # the DICOM run logs there
     release = record("model.release", state=state, model=tmp / "model.pt", mode="central")
     AuditLog(state).checkpoint(keys.load_private_key(tmp / "site.key"))
     # a DICOM batch of PHI-laden files, header-only, to report on
@@ -75,6 +77,7 @@ def issued(tmp_path_factory):
     paths = make_report(tmp / "model.pt", 0.5, tmp / "out", tmp / "site.key", bootstrap=40, state=state,
                         dicom_manifest=tmp / "dicom-out" / "fedeid-manifest.json", dicom_input=src,
                         progress=False, suite_factory=TwoAttackerSuite)
+    os.environ["FEDEID_STATE_DIR"] = saved
     return tmp, paths, json.loads(paths["report.json"].read_text()), release
 
 
@@ -121,6 +124,7 @@ def test_signature_verifies_and_fails_on_a_one_byte_change(issued, tmp_path, cap
     shutil.copytree(paths["report.html"].parent, folder)
     pub = str(tmp / "site.key.pub")
     assert main(["report", "verify", str(folder), "--trust", pub]) == 0
+    assert keys.fingerprint(keys.load_public_key(pub)) in (folder / "report.html").read_text()
     for name in ("report.html", "report.json"):
         copy = tmp_path / f"tampered-{name}"
         shutil.copytree(folder, copy)
@@ -138,6 +142,8 @@ def test_report_quotes_the_audit_entries_it_relies_on(issued):
     audit = rep["audit"]
     assert audit["verify"]["ok"]
     (quoted,) = [e for e in audit["entries"] if e["kind"] == "model.release"]
+    (batch,) = [e for e in audit["entries"] if e["kind"] == "deid.dicom"]  # after the checkpoint: no proof yet
+    assert "inclusion_proof" not in batch and batch["seq"] == 1
     assert quoted["hash"] == release["hash"]
     merkle.check_inclusion(keys.canonical(release), audit["checkpoint"]["root"], quoted["inclusion_proof"])
     issued_entry = AuditLog(tmp / "state").entries()[-1]

@@ -74,8 +74,9 @@ def make_report(model: Path, level: float, out: Path, key: Path, *, method: str 
     risk = assess(suite, methods[method], level, train, test, cfg, bootstrap=bootstrap, seed=cfg.data.seed,
                   progress=progress)
     prov = document.provenance(model, reid)
-    audit = document.audit_section(state, {prov["sha256"], prov.get("reid_sha256")} - {None})
     dicom = document.dicom_section(dicom_manifest, dicom_input) if dicom_manifest else None
+    audit = document.audit_section(state, {prov["sha256"], prov.get("reid_sha256")} - {None},
+                                   dicom["counts"] if dicom else None)
     report = document.build(risk, prov, audit, method=method, dicom=dicom, reassess_months=reassess_months)
     return document.write(report, out, key, state)
 

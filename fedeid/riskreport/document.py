@@ -63,8 +63,9 @@ def dicom_section(manifest_path: Path, dicom_input: Path | None) -> dict[str, An
     return section
 
 
-def audit_section(state: Path | None, hashes: set[str]) -> dict[str, Any]:
-    """The log's state, and the entries naming this model with inclusion proofs in the latest checkpoint."""
+def audit_section(state: Path | None, hashes: set[str], dicom_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """The log's state, and the entries the report rests on — those naming this model, and the DICOM
+    batch's (same counts) — each with its inclusion proof in the latest checkpoint when it has one."""
     log = AuditLog(state)
     verified = log.verify()
     cps = log.checkpoints()
@@ -72,7 +73,8 @@ def audit_section(state: Path | None, hashes: set[str]) -> dict[str, Any]:
     quoted = []
     entries = log.entries() if verified["ok"] else []
     for e in entries:
-        if e["data"].get("model_sha256") in hashes:
+        batch = e["kind"] == "deid.dicom" and dicom_counts is not None and e["data"].get("counts") == dicom_counts
+        if e["data"].get("model_sha256") in hashes or batch:
             q = {k: e[k] for k in ("seq", "kind", "time", "hash")}
             if cp is not None and e["seq"] < int(cp["size"]):
                 q["inclusion_proof"] = log.inclusion(e["seq"], cp)
@@ -171,6 +173,7 @@ def write(report: dict[str, Any], out_dir: Path, key_path: Path, state: Path | N
     from fedeid.riskreport.render import render
 
     key = keys.load_private_key(key_path)
+    report = {**report, "signed_by": keys.fingerprint(key.public_key())}
     data = {"report.json": json.dumps(report, indent=2, allow_nan=False).encode() + b"\n",
             "report.html": render(report).encode()}
     for name, blob in data.items():

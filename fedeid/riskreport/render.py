@@ -168,7 +168,8 @@ def render(report: dict[str, Any]) -> str:
         "the data or the attackers known change.</p>", "conditions"))
     parts.append(_section(
         "Signature",
-        "<p>This report and its JSON are signed with the site key (detached Ed25519 signature in "
+        "<p>This report and its JSON are signed with the site key "
+        f"<code>{_e(report.get('signed_by', 'unsigned'))}</code> (detached Ed25519 signature in "
         "<code>report.sig</code>; check with <code>fedeid report verify</code>).</p>"
         "<table class='sig'><tr><th>Privacy officer (name, role)</th><td></td></tr><tr><th>Date</th><td></td></tr>"
         "<tr><th>Decision</th><td>approve / approve with conditions / refuse</td></tr><tr><th>Signature</th><td></td></tr>"
@@ -194,7 +195,7 @@ def _provenance(m: dict[str, Any]) -> str:
 
 def _dicom(d: dict[str, Any]) -> str:
     scan = d["phi_scan"]
-    rows = [["mode", d["mode"]], ["level", d.get("level")], ["profile", d["profile"]],
+    rows = [["mode", d["mode"]], ["level", "—" if d.get("level") is None else d["level"]], ["profile", d["profile"]],
             ["options", ", ".join(k for k, v in d["options"].items() if v is True) or "none (defaults)"],
             *[[f"files {k}", v] for k, v in d["counts"].items()],
             ["byte-level PHI scan", scan["result"]]]
