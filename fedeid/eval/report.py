@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
+from fedeid.eval.attackers import split_gallery
 from fedeid.eval.baselines import BASELINES
 from fedeid.eval.metrics import macro_auc, per_finding_auc, psnr, reid_metrics, ssim
 from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
@@ -52,17 +53,6 @@ def deid_method(deidentifier: DeIdentifier, compensate: bool = True) -> Method:
 def baseline_method(name: str, seed: int) -> Method:
     fn = BASELINES[name]
     return lambda images, level: fn(images, level, np.random.default_rng(seed))
-
-
-def split_gallery(test: ImageSet) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (gallery, queries): each patient's first half of images vs the rest."""
-    gallery, queries = [], []
-    for pid in np.unique(test.patient_ids):
-        idx = np.flatnonzero(test.patient_ids == pid)
-        half = max(1, len(idx) // 2)
-        gallery.extend(idx[:half])
-        queries.extend(idx[half:])
-    return np.asarray(gallery), np.asarray(queries)
 
 
 class Evaluator:
