@@ -25,7 +25,7 @@ from fedeid.cli import main
 from fedeid.config import preset
 from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.metrics import similarity_metrics
-from fedeid.eval.report import split_gallery
+from fedeid.eval.attackers import split_gallery
 from fedeid.riskreport.commands import make_report
 from fedeid.riskreport.measure import nndr, patient_draws, reid_figures
 from fedeid.train import as_tensor, batched, resolve_device, train_reid
@@ -50,7 +50,7 @@ class TwoAttackerSuite:
     def _embed(self, images):
         return batched(self.net, as_tensor(images), self.device).numpy()
 
-    def similarities(self, method, level, deid_test=None):
+    def similarities(self, method, level, deid_test=None, deid_train=None):
         deid = method(self.test.images, level) if deid_test is None else deid_test
         q, g = deid[self.queries], self.test.images[self.gallery]
         return {"learned": _cos(self._embed(q), self._embed(g)), "pixels": _cos(q, g)}
@@ -193,3 +193,18 @@ def test_html_renders_in_headless_chromium_with_its_figures_and_no_external_reso
 
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10  # text and plots drawn, not a blank page
+
+
+@pytest.mark.slow
+def test_report_command_runs_the_whole_attack_suite(tmp_path, monkeypatch):
+    """``fedeid report`` end to end with the evaluator's AttackSuite: every attacker is in the report."""
+    from fedeid.eval.attackers import ATTACKERS
+
+    monkeypatch.setenv("FEDEID_STATE_DIR", str(tmp_path / "state"))
+    DeIdentifier.build(preset("test")).save(tmp_path / "model.pt")
+    assert main(["audit", "keygen", str(tmp_path / "site.key")]) == 0
+    assert main(["report", "--model", str(tmp_path / "model.pt"), "--level", "0.5", "--key", str(tmp_path / "site.key"),
+                 "--out", str(tmp_path / "out"), "--bootstrap", "20"]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(rep["risk"]["attackers"]) == set(ATTACKERS)
+    assert main(["report", "verify", str(tmp_path / "out")]) == 0

@@ -46,8 +46,8 @@ class Suite(Protocol):
     gallery: np.ndarray
     queries: np.ndarray
 
-    def similarities(self, method: Method, level: float, deid_test: np.ndarray | None = None
-                     ) -> dict[str, np.ndarray]: ...
+    def similarities(self, method: Method, level: float, deid_test: np.ndarray | None = None,
+                     deid_train: np.ndarray | None = None) -> dict[str, np.ndarray]: ...
 
 
 def identity(images: np.ndarray, level: float) -> np.ndarray:
@@ -149,12 +149,13 @@ def assess(suite: Suite, method: Method, level: float, train: ImageSet, test: Im
     from fedeid.train import as_tensor, batched, resolve_device, train_classifier
 
     deid_test = method(test.images, level)
+    deid_train = method(train.images, level)  # the adaptive attackers and the inference attacker train on it
     q, g = np.asarray(suite.queries), np.asarray(suite.gallery)
     q_ids, g_ids = test.patient_ids[q], test.patient_ids[g]
     q_draws = patient_draws(q_ids, bootstrap, seed)
     all_draws = patient_draws(test.patient_ids, bootstrap, seed + 1)
-    before = suite.similarities(identity, 0.0, deid_test=test.images)
-    after = suite.similarities(method, level, deid_test=deid_test)
+    before = suite.similarities(identity, 0.0, deid_test=test.images, deid_train=train.images)
+    after = suite.similarities(method, level, deid_test=deid_test, deid_train=deid_train)
     attackers = {}
     for name in suite.names:
         attackers[name] = {
@@ -169,7 +170,6 @@ def assess(suite: Suite, method: Method, level: float, train: ImageSet, test: Im
 
     inference: dict[str, Any] = {"attribute": "site of origin (hospital / scanner)"}
     if len(np.unique(test.sites)) > 1 and np.isin(test.sites, train.sites).all():
-        deid_train = method(train.images, level)
         inference["before"] = attribute_inference(train.images, train.sites, test.images, test.sites, all_draws, seed)
         inference["after"] = attribute_inference(deid_train, train.sites, deid_test, test.sites, all_draws, seed)
     else:
