@@ -256,3 +256,11 @@ def test_federated_rounds_are_logged_by_the_server_and_every_site(tmp_path, monk
     fed = prov["federated"]
     assert fed["rounds"] == 1 and fed["sites"] == [str(s) for s in range(cfg.data.n_sites)]
     assert fed["local_epsilon"] == rnd["data"]["local_dp"]["per_site"] and fed["central_epsilon"] is None
+
+
+def test_an_unwritable_state_folder_is_a_clear_error(tmp_path):
+    from fedeid.io import InputError
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(InputError, match="cannot write the audit log"):
+        record("deid.images", state=tmp_path / "file", level=0.5)

@@ -87,8 +87,14 @@ class AuditLog:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as lock:
+        """Exclusive across processes; an unwritable state folder is a clear error, not a traceback."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = open(self._lock_path, "a")
+        except OSError as exc:
+            raise InputError(self.root, f"cannot write the audit log ({exc.strerror or exc}); "
+                                        "set --state-dir or $FEDEID_STATE_DIR") from exc
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
