@@ -165,8 +165,9 @@ def test_phi_scan_finds_an_identifier_left_in_an_output(issued, tmp_path):
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
 def test_html_renders_in_headless_chromium_with_its_figures_and_no_external_resource(issued, tmp_path):
+    if CHROMIUM is None:  # CI installs it (.ci/run); elsewhere the browser check is optional
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("no chromium binary (apt-get install chromium)")
     _, paths, rep, _ = issued
     html_path = paths["report.html"]
     text = html_path.read_text()
