@@ -58,6 +58,8 @@ def make_report(model: Path, level: float, out: Path, key: Path, *, method: str 
 
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {level}")
+    if bootstrap < 20:  # a 95 % percentile interval from fewer resamples is mostly the extremes
+        raise ValueError(f"--bootstrap must be at least 20, got {bootstrap}")
     keys.load_private_key(key)  # a bad key fails now, not after minutes of measuring
     deidentifier = DeIdentifier.load(model, reid=reid, device=device)
     cfg = deidentifier.cfg
