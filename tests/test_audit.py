@@ -14,6 +14,7 @@ from phi_dicom import PHI, phi_dicom
 from fedeid.audit import keys, merkle
 from fedeid.audit.log import AuditLog, countersign, record
 from fedeid.cli import main
+from fedeid.io import InputError
 
 # RFC 6962 test vectors (certificate-transparency's merkle tree tests): leaves and tree heads
 RFC6962_LEAVES = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
@@ -106,12 +107,15 @@ def test_untampered_log_and_checkpoint_verify(signed_log):
 
 @pytest.mark.parametrize("kind", sorted(TAMPERING))
 def test_every_kind_of_tampering_is_detected(signed_log, kind, capsys):
-    log, _, _ = signed_log
+    log, _, tmp = signed_log
     _rewrite(log, TAMPERING[kind](_lines(log)))
     result = log.verify()
     assert not result["ok"] and result["problems"]
     assert main(["audit", "verify", "--state-dir", str(log.root.parent)]) == 1
     assert "TAMPERED" in capsys.readouterr().out
+    if kind not in ("truncated", "rewritten"):  # a chain that is itself broken is never signed
+        with pytest.raises(InputError, match="broken chain|not a JSON entry"):
+            log.checkpoint(keys.load_private_key(tmp / "site.key"))
 
 
 def test_checkpoints_from_an_untrusted_key_or_forged_signature_fail(signed_log):

@@ -131,6 +131,9 @@ class AuditLog:
             entries = self.entries()
             if not entries:
                 raise InputError(self.path, "the audit log is empty: nothing to checkpoint")
+            broken = chain_problems(entries)
+            if broken:  # signing a broken chain would vouch for the tampering
+                raise InputError(self.path, f"refusing to checkpoint a broken chain: {broken[0]}")
             tree = merkle.build_tree([keys.canonical(e) for e in entries])
             cp: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "size": len(entries),
                                   "root": merkle.root(tree, len(entries)), "time": _now()}
@@ -195,17 +198,7 @@ class AuditLog:
         except InputError as exc:
             return {"ok": False, "entries": 0, "checkpoints": 0, "problems": [exc.reason], "head": None,
                     "signers": []}
-        prev = GENESIS
-        for i, e in enumerate(entries):
-            if set(e) != ENTRY_KEYS:
-                problems.append(f"entry {i}: fields {sorted(e)} are not those of an audit entry")
-            if e.get("seq") != i:
-                problems.append(f"entry {i}: sequence number {e.get('seq')!r} (entries removed, inserted or reordered)")
-            if e.get("prev") != prev:
-                problems.append(f"entry {i}: does not chain to entry {i - 1} (entries removed, inserted or reordered)")
-            if e.get("hash") != entry_hash(e):
-                problems.append(f"entry {i}: content does not match its hash (edited)")
-            prev = e.get("hash", "")
+        problems += chain_problems(entries)
         cps = self.checkpoints() + list(extra_checkpoints or [])
         tree = merkle.build_tree([keys.canonical(e) for e in entries]) if entries else None
         signers: set[str] = set()
@@ -232,6 +225,23 @@ class AuditLog:
         entries = self.entries()
         tree = merkle.build_tree([keys.canonical(e) for e in entries[: int(checkpoint["size"])]])
         return merkle.prove_inclusion(tree, seq, int(checkpoint["size"]))
+
+
+def chain_problems(entries: list[dict[str, Any]]) -> list[str]:
+    """Every break of the hash chain, by entry number."""
+    problems: list[str] = []
+    prev = GENESIS
+    for i, e in enumerate(entries):
+        if set(e) != ENTRY_KEYS:
+            problems.append(f"entry {i}: fields {sorted(e)} are not those of an audit entry")
+        if e.get("seq") != i:
+            problems.append(f"entry {i}: sequence number {e.get('seq')!r} (entries removed, inserted or reordered)")
+        if e.get("prev") != prev:
+            problems.append(f"entry {i}: does not chain to entry {i - 1} (entries removed, inserted or reordered)")
+        if e.get("hash") != entry_hash(e):
+            problems.append(f"entry {i}: content does not match its hash (edited)")
+        prev = e.get("hash", "")
+    return problems
 
 
 def countersign(cp: dict[str, Any], key: keys.Ed25519PrivateKey, trusted_site: list[str] | None = None
