@@ -49,13 +49,14 @@ def evaluate_and_report(deidentifier: DeIdentifier, train: ImageSet, test: Image
     evaluator = Evaluator(train, test, cfg, progress=progress)
     methods = methods_for(deidentifier, cfg) | (extra_methods or {})
     results = evaluator.run(methods, cfg.eval.levels)
+    evaluator.write_grid({"fedeid": methods["fedeid"], **(extra_methods or {})}, Path(out_dir) / "grid.png")
     results["acceptance"] = acceptance(results)
     results["config"] = cfg.to_dict()
     results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
     results.update(extra or {})
     paths = write_report(results, out_dir)
     print(summary_table(results))
-    print(f"report: {paths['json']}  plot: {paths['png']}")
+    print(f"report: {paths['json']}  plot: {paths['png']}  pictures: {Path(out_dir) / 'grid.png'}")
     return results
 
 
