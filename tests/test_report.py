@@ -1,17 +1,20 @@
 """The evaluation protocol end to end on a tiny synthetic benchmark: every figure, JSON and PNG."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fedeid.cli import main
 from fedeid.config import preset
 from fedeid.data.imageset import ImageSet
 from fedeid.data.synthetic import generate
 from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.attackers import ATTACKERS
 from fedeid.eval.benchmark import evaluate_and_report, methods_for
+from fedeid.eval.calibration import calibrate, describe_level
 from fedeid.eval.report import acceptance, split_gallery, summary_table
 from fedeid.models.deid_model import cfg_findings
 
@@ -125,3 +128,56 @@ def test_unknown_baseline_is_refused(bench):
     cfg.eval.baselines = ("blur", "sharpen")
     with pytest.raises(ValueError, match="unknown baseline 'sharpen'"):
         methods_for(DeIdentifier.build(cfg), cfg)
+
+
+def _table(**change):
+    table = {"levels": [0.0, 0.5, 1.0], "worst_p_at_1": [1.0, 0.4, 0.05], "worst_attacker": ["keypoint", "patch",
+             "model_holder"], "chance_p_at_1": 1 / 30, "n_patients": 30, "n_queries": 60}
+    return {**table, **change}
+
+
+def test_describe_level_states_the_measured_figure():
+    assert describe_level(_table(), 0.5) == ("level 0.5: re-identification measured at calibration: worst-case "
+                                             "P@1 0.400 at level 0.5 (strongest attacker: patch) "
+                                             "(chance 0.033; 30 held-out patients)")
+    between = describe_level(_table(), 0.7)
+    assert "not calibrated itself" in between and "0.400 at level 0.5" in between and "0.050 at level 1" in between
+    assert "no calibration" in describe_level(None, 0.3)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"levels": [0.0, 1.0]}, "differ in length"),
+    ({"levels": [0.0, 0.5, 1.5]}, "within"),
+    ({"levels": [0.5, 0.0, 1.0]}, "within"),
+    ({"worst_p_at_1": [1.0, float("nan"), 0.1]}, "non-finite"),
+    ({"worst_p_at_1": [1.0, 2.0, 0.1]}, "out of range"),
+    ({"chance_p_at_1": "x"}, "malformed"),
+])
+def test_a_hostile_calibration_table_is_refused(change, reason):
+    with pytest.raises(ValueError, match=reason):
+        describe_level(_table(**change), 0.5)
+    with pytest.raises(ValueError, match="not a table"):
+        describe_level([1, 2], 0.5)
+
+
+def test_calibration_is_measured_on_held_out_patients(bench):
+    cfg, train, test = bench
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.attackers = ("keypoint", "patch")  # the cheap ones: this checks the bookkeeping
+    table = calibrate(DeIdentifier.build(cfg), train, test, cfg, levels=(0.0, 1.0))
+    assert table["levels"] == [0.0, 1.0] and table["worst_p_at_1"][0] == 1.0  # originals: found
+    assert table["attackers"] == ["keypoint", "patch"] and set(table["worst_attacker"]) <= {"keypoint", "patch"}
+    assert table["n_patients"] == 6 and table["chance_p_at_1"] == pytest.approx(1 / 6)
+    assert "worst-case P@1 1.000 at level 0" in describe_level(table, 0.0)
+
+
+def test_deid_prints_what_the_level_bought(tmp_path, capsys):
+    cfg = preset("test")
+    model = tmp_path / "model.pt"
+    DeIdentifier.build(cfg).save(model, extra={"calibration": _table()})
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((64, 64)).astype(np.float32))
+    assert main(["deid", str(tmp_path / "x.npy"), str(tmp_path / "out"), "--model", str(model), "--level", "0.5"]) == 0
+    assert "worst-case P@1 0.400 at level 0.5 (strongest attacker: patch)" in capsys.readouterr().out
+    DeIdentifier.build(cfg).save(model, extra={"calibration": _table(worst_p_at_1=[1.0, 7.0, 0.0])})
+    assert main(["deid", str(tmp_path / "x.npy"), str(tmp_path / "out2"), "--model", str(model), "--level", "0.5"]) == 0
+    assert f"fedeid: {model}: calibration ignored: calibration figures out of range" in capsys.readouterr().err
