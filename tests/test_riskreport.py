@@ -172,7 +172,7 @@ def test_html_renders_in_headless_chromium_with_its_figures_and_no_external_reso
     html_path = paths["report.html"]
     text = html_path.read_text()
     assert not re.search(r"""(?:src|href)\s*=\s*['"]?\s*(?:https?:)?//""", text, re.I)
-    assert "url(" not in text and "@import" not in text
+    assert "url(" not in text and "@import" not in text and "<script" not in text and "<link" not in text
     imgs = re.findall(r"src='data:image/png;base64,([^']+)'", text)
     assert len(imgs) == 2
     for b64 in imgs:
