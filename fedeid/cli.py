@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("fedeid.federated.commands", "create a CA, the SuperLink TLS certificate and SuperNode keys"),
     "deploy": ("fedeid.federated.commands", "write a whole deployment: certificates, Fleet-only nginx proxy, start scripts, site configs"),
     "site": ("fedeid.federated.commands", "a hospital's SuperNode that runs only its pinned app; the app pin"),
+    "audit": ("fedeid.audit.commands", "the site's tamper-evident audit log: keys, checkpoints, verification"),
+    "report": ("fedeid.riskreport.commands", "the signed re-identification risk report a privacy officer reviews (HTML + JSON)"),
 }
 
 

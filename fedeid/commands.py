@@ -90,6 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     sites, _ = load_dataset(cfg.data)
     deidentifier, metrics = train_central(ImageSet.concat(sites), cfg, progress=True)
     deidentifier.save(args.out, extra={"training": metrics})
+    from fedeid.audit import record
+    record("model.release", model=args.out, mode="central", num_examples=int(metrics["num_examples"]))
     print(f"saved {args.out} ({int(metrics['num_examples'])} images, {metrics['train_seconds']:.0f} s)")
     return 0
 
@@ -143,11 +145,18 @@ def cmd_deid(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    from fedeid.audit import record
+    from fedeid.checkpoint import load_checkpoint
     from fedeid.data.loaders import read_image
     from fedeid.deid.pipeline import DeIdentifier
+    from fedeid.eval.calibration import describe_level
     from fedeid.progress import Progress
 
     deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
+    try:  # what the level bought on held-out patients, as measured when the model was evaluated
+        print(describe_level(load_checkpoint(args.model)["extra"].get("calibration"), args.level))
+    except ValueError as exc:
+        print(f"fedeid: {args.model}: calibration ignored: {exc}", file=sys.stderr)
     out.resume({"level": args.level, "model_sha256": file_sha256(args.model),
                 "reid_sha256": file_sha256(args.reid) if args.reid else None})
     base = args.input if args.input.is_dir() else args.input.parent
@@ -179,4 +188,6 @@ def cmd_deid(args: argparse.Namespace) -> int:
     again = f" ({kept} unchanged since the last run, kept)" if kept else ""
     print(f"de-identified {done + kept} image(s) at level {args.level:g}{again}; {failed} failed; "
           f"manifest: {out.manifest_path}")
+    record("deid.images", inputs=files, model=args.model, level=args.level,
+           outcome={"done": done, "kept": kept, "failed": failed})
     return batch_exit_code(done + kept, failed)

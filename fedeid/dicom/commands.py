@@ -134,6 +134,9 @@ def _deid(args: argparse.Namespace) -> int:
         if record.status in ("refused", "failed"):
             print(f"{record.status}: {record.input}: {record.reason}", file=sys.stderr)
     print(summary.line())
+    from fedeid.audit import record
+    record("deid.dicom", inputs=args.input, model=args.model, level=args.level, mode=runner.mode,
+           options=options.to_dict(), counts=summary.counts)
     print(f"manifest: {args.manifest or Path(args.output) / MANIFEST_NAME}")
     return 0
 

@@ -267,6 +267,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     metrics.update(site_id=site, handler_seconds=time.perf_counter() - t0,
                    round=int(conf.get("server-round", 0)))  # type: ignore[arg-type]
     content = RecordDict({ARRAYS_KEY: state_to_record(shared_state(model)), METRICS_KEY: scalar_metrics(metrics)})
+    from fedeid.audit import record
+    from fedeid.federated.arrays import state_nbytes
+    record("train.round.site", state=sdir, bytes_sent=state_nbytes(shared_state(model)), metrics_sent=sorted(metrics),
+           **{k: metrics.get(k) for k in ("round", "site_id", "num_examples", "epsilon", "dp_delta")})
     return Message(content, reply_to=msg)
 
 

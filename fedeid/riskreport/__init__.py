@@ -1,0 +1,1 @@
+"""The re-identification risk report a privacy officer signs (``fedeid report``)."""
