@@ -28,6 +28,7 @@ import os
 import re
 import stat
 import struct
+import tempfile
 import time
 import uuid
 import warnings
@@ -36,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +47,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -57,7 +59,6 @@ from fedeid import __version__
 from fedeid.dicom.pixels import PixelModel, deidentify_pixels, refusal
 from fedeid.dicom.profile import HeaderProfile, ProfileOptions
 from fedeid.dicom.pseudonyms import Keyring
-from fedeid.io import atomic_write_bytes
 
 MANIFEST_NAME = "fedeid-manifest.jsonl"
 WRITER_THREADS = 4
@@ -69,6 +70,7 @@ STATUSES = ("deidentified", "refused", "failed", "skipped")
 FINAL_STATUSES = frozenset({"deidentified", "refused", "skipped"})
 # Default cap on a file's size, its inflated size (deflate) and its decoded pixels.
 DEFAULT_MAX_BYTES = 1 << 30
+DEFLATED_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.8.1"})  # + Deflated Image Frame
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
 _UID_VALUE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
 IMPLEMENTATION_VERSION = f"FEDEID_{__version__}"[:16]
@@ -375,7 +377,6 @@ class DicomDeidentifier:
         files, others = _scan(src_root)
         header = self.header()
         done: set[str] = set()
-        seen_outputs: dict[str, str] = {}
         if resume and manifest_path.exists():
             prior = read_manifest(manifest_path)
             if prior["runs"] and _comparable(prior["runs"][-1]) != _comparable(header):
@@ -383,7 +384,6 @@ class DicomDeidentifier:
                     f"{manifest_path}: --resume needs the key, mode and options of the run that wrote it"
                 )
             done = {r["input"] for r in prior["files"] if r["status"] in FINAL_STATUSES}
-            seen_outputs = {r["output"]: r["input"] for r in prior["files"] if r["output"]}
         append = resume and manifest_path.exists()
         journal = Journal(manifest_path, append=append)
         names = Journal(map_path, append=resume and map_path.exists()) if map_path else None
@@ -401,12 +401,6 @@ class DicomDeidentifier:
                        ((p.relative_to(src_root), why) for p, why in others))
             pool = workers > 1 and self.model is None and len(todo) > workers
             for record in (*skipped, *(self._pooled(todo, workers) if pool else self.records(todo))):
-                if record.output and seen_outputs.setdefault(record.output, record.input) != record.input:
-                    record = FileRecord(
-                        record.input, "", "skipped",
-                        "another input file holds the same SOP Instance UID (the same instance): one output "
-                        "was written for both", path=record.path,
-                    )
                 journal.write({"kind": "file", **record.row()})
                 if names is not None:
                     names.write({"input": record.input, "path": record.path})
@@ -507,11 +501,39 @@ def _work(jobs: list[Job]) -> list[FileRecord]:
 
 def _write(record: FileRecord, payload: bytes, out_root: Path) -> FileRecord:
     try:
-        atomic_write_bytes(out_root / record.output, payload)
+        name = _claim(out_root / record.output, payload)
     except OSError as exc:
         reason = f"the output could not be written: {exc.strerror or 'an operating-system error'}"
         return FileRecord(record.input, "", "failed", reason, path=record.path)
-    return record
+    return replace(record, output=name.relative_to(out_root).as_posix())
+
+
+def _claim(target: Path, payload: bytes) -> Path:
+    """Write ``payload`` atomically at ``target``, or at ``<stem>.<n>.dcm`` when another input of
+    this run (the same SOP instance in another encoding, say) already holds ``target``.
+
+    The name is claimed with ``os.link``, which fails if the name exists, so processes writing in
+    parallel never overwrite each other; an existing file with the same bytes is this output
+    already (a rerun) and is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".fedeid.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for n in range(1000):
+            path = target if n == 0 else target.with_name(f"{target.stem}.{n}{target.suffix}")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                if path.stat().st_size == len(payload) and path.read_bytes() == payload:
+                    return path
+        raise OSError(0, "a thousand input files hold this one SOP instance")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _ready(item: Future[FileRecord] | FileRecord) -> bool:
@@ -617,8 +639,8 @@ def _check_inflated_size(path: Path, max_bytes: int) -> None:
             meta = _read_file_meta_info(fh)
         except Exception:  # not Part 10: the reader judges it; nothing is inflated
             return
-        syntax = meta.get("TransferSyntaxUID")
-        if not syntax or not UID(str(syntax)).is_deflated:
+        syntax = str(meta.get("TransferSyntaxUID", "") or "")
+        if syntax not in DEFLATED_SYNTAXES:
             return
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0

@@ -26,8 +26,11 @@ dummy in the Basic Profile and cleaned under *Clean Structured Content* (likewis
 under *Clean Graphics*, and rows whose D would replace text are cleaned instead).
 
 Beyond the table: a public attribute with no row is kept only if ``safe_attributes.csv`` lists it
-(pixel, geometry, technique, code and SR-structure attributes); otherwise it is removed, whatever
-its VR (PN included; a tag no dictionary knows included). Two exceptions keep outputs linkable
+(pixel, geometry, technique, code and SR-structure attributes) or is a dictionary attribute of
+a VR that holds no free text (numbers, tags, code strings: ``_CODED_VRS``); otherwise it is
+removed (PN, text, dates and binary blobs included; a tag no dictionary knows included). The
+limit: a number or a 16-character code string could in principle encode a date or a surname;
+no known attribute does, and a vendor that misuses one is not caught. Two exceptions keep outputs linkable
 and valid: a UI value is replaced by its keyed UID (not removed) unless it is a UID of the
 standard itself, and a sequence is kept with its items judged element by element. Private
 attributes are removed unless safe-listed; repeating groups ``50xx`` (curves) and ``60xx``
@@ -118,8 +121,9 @@ TYPE2_XZ_SEQUENCES = frozenset({0x00400555})
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC", "PN"})
 # Value length limits of the text VRs (PS3.5 6.2), so cleaned text stays a valid value.
 _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
-# VRs that carry no free text: kept inside a D/C container when no row or safe-list entry decides.
-_CODED_VRS = frozenset({"CS", "AT", "DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
+# VRs that carry no free text (numbers, tags, code strings of defined terms): a dictionary
+# attribute of one of these, written with its dictionary VR, is kept without a safe-list entry.
+_CODED_VRS = frozenset({"CS", "AT", "DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "OF", "OD", "OL", "OV"})
 _DUMMY_TEXT = "DEIDENTIFIED"
 _DUMMY: dict[str, Any] = {
     "DA": "19000101",
@@ -403,8 +407,8 @@ class HeaderProfile:
             elem = ds[tag]
             mapped = [v if str(v) in UID_dictionary else self.keys.uid(str(v)) for v in _values(elem.value) if str(v)]
             _set(elem, mapped)
-        elif ctx.container and _dict_vr(tag) != "UN" and vr in _CODED_VRS:
-            return  # a number or code of a kept container (an SR measurement, a graphic's units)
+        elif vr in _CODED_VRS and _vr_fits(tag, vr):
+            return  # a number or defined term of the dictionary (an RT ROI number, a region flag)
         elif ctx.container and _dict_vr(tag) != "UN" and vr in _TEXT_VRS | {"DA", "DT", "TM", "UR"}:
             self._act(ds, tag, ctx.container, ctx)
         else:
