@@ -150,6 +150,8 @@ class Journal:
     def __init__(self, path: Path, append: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        if append and path.exists():
+            _drop_torn_line(path)
         self._fh: IO[str] = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
         self._synced = time.monotonic()
 
@@ -164,6 +166,14 @@ class Journal:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line its writer was killed in the middle of, so appended lines stay lines."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
