@@ -627,16 +627,25 @@ def _read(path: Path, max_bytes: int) -> Dataset:
     if size > max_bytes:
         raise Refused(f"the file is {size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB cap (--max-mb)")
     _check_inflated_size(path, max_bytes)
-    try:
-        return dcmread(path)
-    except InvalidDicomError:
-        pass
-    try:
-        ds = dcmread(path, force=True)
-    except Exception as exc:
-        raise Failed(f"not a DICOM file (no DICM preamble, and no readable dataset: {type(exc).__name__})") from exc
-    if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
-        raise Failed("not a DICOM file (no DICM preamble, and no SOP Class/Instance UID when read as a bare dataset)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = dcmread(path)
+        except InvalidDicomError:
+            try:
+                ds = dcmread(path, force=True)
+            except Exception as exc:
+                raise Failed(
+                    f"not a DICOM file (no DICM preamble, and no readable dataset: {type(exc).__name__})"
+                ) from exc
+            if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
+                raise Failed(
+                    "not a DICOM file (no DICM preamble, and no SOP Class/Instance UID when read as a bare dataset)"
+                ) from None
+    # The reader turns a file that ends inside an element of undefined length (encapsulated
+    # pixels, a sequence) into a warning and keeps what it read: that is a truncated file.
+    if any(str(w.message).startswith("End of file reached") for w in caught):
+        raise Failed("truncated file: it ends inside an element before the delimiter that closes it")
     return ds
 
 
@@ -701,11 +710,24 @@ def _check_native_length(ds: Dataset) -> None:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is not None and UID(syntax).is_encapsulated:
+        _check_fragments(bytes(data))
         return
     expected = _decoded_bytes(ds)
     have = len(data)
     if have < expected:
         raise Failed(f"truncated Pixel Data: {have} bytes where {expected} are needed")
+
+
+def _check_fragments(data: bytes) -> None:
+    """Encapsulated Pixel Data is a run of items (FFFE,E000) whose lengths must end exactly where
+    the data does; anything else is damage a reader would stumble on, so it is not copied."""
+    pos = 0
+    while pos < len(data):
+        if data[pos : pos + 4] != b"\xfe\xff\x00\xe0" or pos + 8 > len(data):
+            raise Failed("damaged encapsulated Pixel Data: a fragment does not start with an item tag")
+        pos += 8 + int.from_bytes(data[pos + 4 : pos + 8], "little")
+    if pos != len(data):
+        raise Failed("damaged encapsulated Pixel Data: the last fragment runs past the end of the data")
 
 
 def _transfer_syntax(ds: Dataset) -> UID:

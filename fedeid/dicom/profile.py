@@ -118,6 +118,17 @@ CLASS_UID_TAGS = frozenset(
 # is Type 3 (General Study Module) and is removed.
 TYPE2_XZ_SEQUENCES = frozenset({0x00400555})
 
+# Type 1/2 text attributes outside the table that their IOD cannot lose: replaced by a dummy (or
+# cleaned under Clean Descriptors) instead of removed, so the output stays valid.
+REQUIRED_TEXT_TAGS = frozenset(
+    {
+        0x00620005,  # Segment Label (Segmentation)
+        0x00620009,  # Segment Algorithm Name (Segmentation)
+        0x00700081,  # Content Description (Content Identification)
+        0x00409210,  # LUT Label (Real World Value Mapping)
+        0x00283003,  # LUT Explanation (Real World Value Mapping, Modality/VOI LUT)
+    }
+)
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC", "PN"})
 # Value length limits of the text VRs (PS3.5 6.2), so cleaned text stays a valid value.
 _MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
@@ -411,6 +422,8 @@ class HeaderProfile:
             return  # a number or defined term of the dictionary (an RT ROI number, a region flag)
         elif ctx.container and _dict_vr(tag) != "UN" and vr in _TEXT_VRS | {"DA", "DT", "TM", "UR"}:
             self._act(ds, tag, ctx.container, ctx)
+        elif tag in REQUIRED_TEXT_TAGS:
+            self._act(ds, tag, "C" if self.options.clean_descriptors else "D", ctx)
         else:
             del ds[tag]
 
