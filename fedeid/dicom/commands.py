@@ -32,8 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "deid",
         help="de-identify a folder of DICOM files into a mirrored folder",
         description=(
-            "Read IN recursively (never modifying it), write de-identified copies into OUT with the "
-            "same tree, and a manifest. With --model and --level the pixels of each image go through "
+            "Read IN recursively (never modifying it; symlinks, pipes and devices are listed as skipped), "
+            "write each de-identified file to OUT/<patient pseudonym>/<study UID>/<series UID>/<instance "
+            "UID>.dcm (new identifiers only, nothing of the input names), and journal every file in the "
+            "manifest (input paths as keyed hashes; --path-map keeps the table for the site). With --model and --level the pixels of each image go through "
             "the de-identification model (modalities it was not trained for and colour images are "
             "refused); without them only the header is de-identified (files with Burned In "
             "Annotation YES are then refused). Headers follow the Basic Application Level "

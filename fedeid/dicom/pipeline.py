@@ -21,7 +21,6 @@ last second of lines, and a resumed run then redoes those files, to the same byt
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
@@ -41,10 +40,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from pydicom import dcmread, dcmwrite
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -743,15 +744,29 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 
 def _encode(ds: Dataset) -> bytes:
-    """Part 10 bytes with a fresh File Meta Information consistent with the de-identified dataset."""
+    """Part 10 bytes with a fresh File Meta Information consistent with the de-identified dataset.
+
+    What ``dcmwrite`` does for a file, without its deep copy of the file meta (a fresh one is
+    built here): preamble, prefix, meta, then the dataset in the transfer syntax's encoding (so a
+    big-endian source is written little endian in pixel mode).
+    """
+    syntax = _transfer_syntax(ds)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = _transfer_syntax(ds)
+    meta.TransferSyntaxUID = syntax
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     ds.file_meta = meta
-    buf = io.BytesIO()
-    # dcmwrite (not save_as) so a big-endian source can be written little endian in pixel mode.
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    fp = DicomBytesIO()
+    if syntax.is_transfer_syntax and not syntax.is_private:
+        fp.is_implicit_VR, fp.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+        if "PixelData" in ds:  # PS3.5 A.4: encapsulated pixel data has undefined length
+            ds["PixelData"].is_undefined_length = syntax.is_compressed
+    else:  # a syntax pydicom does not know: the dataset keeps the encoding it was read in
+        implicit, little = ds.original_encoding
+        fp.is_implicit_VR, fp.is_little_endian = bool(implicit), little is not False
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    write_dataset(fp, ds)
+    return fp.getvalue()

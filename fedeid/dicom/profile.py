@@ -489,9 +489,11 @@ class HeaderProfile:
     # -- marking ----------------------------------------------------------------------------
     def _mark(self, ds: Dataset, extra_codes: Iterable[str], method_notes: Iterable[str]) -> None:
         ds.PatientIdentityRemoved = "YES"
-        notes = [f"PS3.15 E.1 Basic Profile, fedeid {__version__}"] + [n[:64] for n in method_notes]
-        ds.DeidentificationMethod = notes if len(notes) > 1 else notes[0]
         codes = self.options.method_codes() + [c for c in extra_codes if c not in self.options.method_codes()]
+        # The text names the profile, then every option in force (as the code sequence does).
+        notes = [f"PS3.15 E.1 Basic Profile, fedeid {__version__}"]
+        notes += [CODE_MEANINGS[c][:64] for c in codes[1:]] + [n[:64] for n in method_notes]
+        ds.DeidentificationMethod = notes if len(notes) > 1 else notes[0]
         items = []
         for value in codes:
             item = Dataset()

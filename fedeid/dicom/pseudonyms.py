@@ -87,7 +87,8 @@ class Keyring:
         return f"FEDEID-{token[:20]}"
 
     def token(self, original: str) -> str:
-        """A short keyed token for path components that carry an identifier."""
+        """A short keyed token naming what must not be named in clear: an input path in the
+        manifest, an output path part that is not a plain UID."""
         return "x" + self._mac("path", original).hex()[:16]
 
     def date_shift(self, patient_key: str) -> timedelta:

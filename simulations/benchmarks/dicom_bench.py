@@ -127,13 +127,16 @@ def _commands(secret: Path) -> dict[str, Callable[[Path, Path], list[str]]]:
     }
 
 
-def _wall(cmd: list[str]) -> float:
+def _wall(cmd: list[str], out: Path) -> tuple[float, int]:
+    """Seconds of one whole command, and how many DICOM files it wrote (a tool that silently
+    writes nothing must not look fast)."""
+    out.mkdir(parents=True)  # dicom-anonymizer writes nothing into a folder that does not exist
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     seconds = time.perf_counter() - t0
     if r.returncode not in (0, 1):  # 1: fedeid's "some file refused" (Burned In Annotation YES)
         raise RuntimeError(f"{cmd[0]} exited {r.returncode}: {r.stderr[-500:]}")
-    return seconds
+    return seconds, sum(1 for p in out.rglob("*") if p.is_file() and p.suffix != ".jsonl")
 
 
 def main() -> None:
@@ -167,16 +170,24 @@ def main() -> None:
         secret.write_text(os.urandom(32).hex())
         commands = _commands(secret)
         seconds: dict[int, dict[str, list[float]]] = {n: {t: [] for t in commands} for n in sets}
+        written: dict[int, dict[str, int]] = {n: {} for n in sets}
         for r in range(args.rounds):
             for n, src in sets.items():
                 order = list(commands) if r % 2 == 0 else list(reversed(commands))
                 for name in order:
                     out = tmp_path / "out" / f"{r}-{n}-{name}"
-                    seconds[n][name].append(_wall(commands[name](src, out)))
+                    wall, written[n][name] = _wall(commands[name](src, out), out)
+                    seconds[n][name].append(wall)
                     shutil.rmtree(out, ignore_errors=True)
         header = {
-            n: {name: {"seconds": round(statistics.median(v), 3), "files_per_s": round(n / statistics.median(v), 1)}
-                for name, v in by_tool.items()}
+            n: {
+                name: {
+                    "seconds": round(statistics.median(v), 3),
+                    "files_per_s": round(n / statistics.median(v), 1),
+                    "files_written": written[n][name],
+                }
+                for name, v in by_tool.items()
+            }
             for n, by_tool in seconds.items()
         }
         pixel = None if args.no_pixel else _pixel(args, root, files, tmp_path)
@@ -203,7 +214,10 @@ def main() -> None:
     h = result["header_only_cli"]
     print(f"header-only, whole command-line runs, median of {h['rounds']} rounds ({result['machine']}):")
     for n, by_tool in header.items():
-        cells = ", ".join(f"{k} {v['files_per_s']:.1f} files/s ({v['seconds']:.2f} s)" for k, v in by_tool.items())
+        cells = ", ".join(
+            f"{k} {v['files_per_s']:.1f} files/s ({v['seconds']:.2f} s, {v['files_written']} written)"
+            for k, v in by_tool.items()
+        )
         print(f"  {n:>5} files: {cells}; fedeid / dicognito = {h['fedeid_vs_dicognito'][str(n)]}x")
     if pixel:
         print(
