@@ -28,10 +28,11 @@ under *Clean Graphics*, and rows whose D would replace text are cleaned instead)
 Beyond the table: a public attribute with no row is kept only if ``safe_attributes.csv`` lists it
 (pixel, geometry, technique, code and SR-structure attributes) or is a dictionary attribute of
 a VR that holds no free text (numbers, tags, code strings: ``_CODED_VRS``); otherwise it is
-removed (PN, text, dates and binary blobs included; a tag no dictionary knows included). The
-limit: a number or a 16-character code string could in principle encode a date or a surname;
-no known attribute does, and a vendor that misuses one is not caught. Two exceptions keep outputs linkable
-and valid: a UI value is replaced by its keyed UID (not removed) unless it is a UID of the
+removed (PN, text, dates and binary blobs included; a tag no dictionary knows included), except
+the few Type 1/2 text attributes an IOD cannot lose (``REQUIRED_TEXT_TAGS``: replaced by a dummy,
+or cleaned under Clean Descriptors). The limit: a number or a 16-character code string could
+in principle encode a date or a surname; no known attribute does, and a vendor that misuses one
+is not caught. Two more exceptions keep outputs linkable and valid: a UI value is replaced by its keyed UID (not removed) unless it is a UID of the
 standard itself, and a sequence is kept with its items judged element by element. Private
 attributes are removed unless safe-listed; repeating groups ``50xx`` (curves) and ``60xx``
 (overlays) are removed whole under every option (an overlay bitmap can carry burned-in text that
