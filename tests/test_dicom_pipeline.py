@@ -402,6 +402,14 @@ def test_cli_runs_reruns_consistently_and_guards_its_input(tmp_path, capsys) -> 
     assert manifest["runs"][0]["key_fingerprint"] == Keyring(bytes.fromhex(secret.read_text())).fingerprint
     with pytest.raises(ValueError):
         cli("dicom", "deid", str(tmp_path / "in"), str(src / "out"), "--secret-file", str(secret))
+    with pytest.raises(ValueError):  # neither the manifest nor the path map may land in IN
+        cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "d"), "--secret-file", str(secret),
+            "--manifest", str(src / "m.jsonl"))
+    with pytest.raises(ValueError):
+        cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "d"), "--secret-file", str(secret),
+            "--path-map", str(tmp_path / "d" / "map.jsonl"))
+    with pytest.raises(ValueError):  # resuming needs the options of the run that wrote the journal
+        cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "a"), "--secret-file", str(secret), "--resume")
     with pytest.raises(ValueError):
         cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "c"), "--secret-file", str(secret), "--level", "0.5")
 

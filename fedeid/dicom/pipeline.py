@@ -382,6 +382,8 @@ class DicomDeidentifier:
         if out_root == src_root or src_root in out_root.parents or out_root in src_root.parents:
             raise ValueError("OUT must be outside IN (and IN outside OUT): inputs are never modified")
         manifest_path = Path(manifest) if manifest else out_root / MANIFEST_NAME
+        if src_root in manifest_path.resolve().parents:
+            raise ValueError("the manifest must be outside IN: inputs are never modified")
         map_path = Path(path_map).resolve() if path_map else None
         if map_path is not None and (out_root in map_path.parents or src_root in map_path.parents):
             raise ValueError("the path map names the inputs: keep it outside OUT (and IN), where the site keeps its key")
