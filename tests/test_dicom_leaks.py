@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -278,3 +279,33 @@ def test_descriptor_cleaner_erases_whole_tokens_of_every_collected_identifier() 
         assert gone not in cleaned, (gone, cleaned)
     assert "Johnny" in cleaned and "医生" in cleaned and "seen by Dr" in cleaned
     assert "***ny" not in cleaned
+
+
+def test_a_batch_killed_mid_run_leaves_its_journal_and_resumes(tmp_path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(60):
+        shutil.copyfile(pydicom.data.get_testdata_file("CT_small.dcm"), src / f"ct{i:02d}.dcm")
+    key = tmp_path / "key"
+    key.write_text(SECRET.hex())
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "import sys; from fedeid.cli import main; sys.exit(main())", "dicom", "deid",
+           str(src), str(out), "--secret-file", str(key), "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    journal = out / MANIFEST_NAME
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and (not journal.exists() or journal.read_text().count('"kind": "file"') < 3):
+            time.sleep(0.01)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, as when the machine or the operator kills it
+        proc.wait()
+    before = read_manifest(journal)
+    assert before["runs"] and before["counts"]["deidentified"] >= 3
+    if before["complete"]:
+        pytest.skip("the batch finished before it could be killed (machine too fast for this test)")
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = read_manifest(journal)
+    assert after["complete"] and after["counts"]["deidentified"] == 60 and len(after["runs"]) == 2
+    assert f"{before['counts']['deidentified']} already done by an earlier run" in done.stdout

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -413,7 +414,8 @@ class DicomDeidentifier:
             skipped = (FileRecord(self.input_key(rel), "", "skipped", why, path=rel.as_posix()) for rel, why in
                        ((p.relative_to(src_root), why) for p, why in others))
             pool = workers > 1 and self.model is None and len(todo) > workers
-            for record in (*skipped, *(self._pooled(todo, workers) if pool else self.records(todo))):
+            # chain, not a tuple: each record is journaled the moment its file is done.
+            for record in chain(skipped, self._pooled(todo, workers) if pool else self.records(todo)):
                 journal.write({"kind": "file", **record.row()})
                 if names is not None:
                     names.write({"input": record.input, "path": record.path})
