@@ -38,6 +38,7 @@ OPTION_SETS = {
         clean_structured_content=True,
         clean_graphics=True,
     ),
+    "retain-uids": ProfileOptions(retain_uids=True, clean_descriptors=True),
 }
 
 
@@ -68,6 +69,8 @@ def test_no_identifier_in_any_output_byte_manifest_or_path(phi, tmp_path, name: 
     assert summary.counts["deidentified"] == 3, [r.reason for r in summary.records]
     # Retain Full Dates keeps the study date and the SR's DATE item (equal to the birth date here).
     kept = {STUDY_DATE, SR_DATE} if options.retain_long_full_dates else set()
+    if options.retain_uids:  # the instances' own UIDs stay, by that option; the issuer's OID must not
+        kept |= set(uids) - {"1.2.3.999.888"}
     values = [v for v in (*IDENTIFIERS, *uids, STUDY_DATE) if v not in kept]
     forms = {form: v for v in values for form in _forms(v)}
     hits = []
@@ -91,6 +94,8 @@ def test_no_identifier_in_any_output_byte_manifest_or_path(phi, tmp_path, name: 
         assert 0x00420110 not in cr and 0x00440120 not in cr  # unknown public tags, one of VR PN
         assert "UniversalEntityID" not in cr.IssuerOfPatientIDQualifiersSequence[0]  # outside the table
         assert "CommentsOnTheScheduledProcedureStep" not in cr.ScheduledProcedureStepSequence[0]
+    elif name == "retain-uids":
+        assert "113110" in codes and cr.SOPInstanceUID in uids
     else:
         assert {"113103", "113104", "113105"} <= set(codes)
         # Cleaned text keeps what is not identifying, as whole tokens.
