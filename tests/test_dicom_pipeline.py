@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -33,8 +32,8 @@ from pydicom.data.data_manager import DATA_ROOT, external_data_sources, get_url_
 from pydicom.uid import UID_dictionary
 
 from fedeid.dicom import commands
-from fedeid.dicom.pipeline import MANIFEST_NAME, STATUSES, DicomDeidentifier
-from fedeid.dicom.profile import CLASS_UID_TAGS, ProfileOptions, collect_identifiers
+from fedeid.dicom.pipeline import MANIFEST_NAME, STATUSES, DicomDeidentifier, read_manifest
+from fedeid.dicom.profile import CLASS_UID_TAGS, ProfileOptions
 from fedeid.dicom.pseudonyms import Keyring
 
 SECRET = bytes(range(32))
@@ -119,20 +118,9 @@ def runs(corpus, tmp_path_factory) -> dict[str, tuple[DicomDeidentifier, object,
     return out
 
 
-def _source_map(runner: DicomDeidentifier, root: Path) -> dict[str, Path]:
-    """Output relative path → input file (recomputing the keyed renaming the run applied)."""
-    mapping = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for p in root.rglob("*"):
-            if not p.is_file():
-                continue
-            try:
-                ids = collect_identifiers(pydicom.dcmread(p, force=True))
-            except Exception:
-                ids = set()
-            mapping[str(runner.safe_path(p.relative_to(root), ids))] = p
-    return mapping
+def _source_map(summary, root: Path) -> dict[str, Path]:
+    """Output relative path → input file (the records keep the input path in memory only)."""
+    return {r.output: root / r.path for r in summary.records if r.output}
 
 
 @pytest.mark.parametrize("mode", ["header", "pixel"])
@@ -155,9 +143,10 @@ def test_every_file_is_deidentified_or_has_a_clear_reason(runs, corpus, mode: st
     assert "DICOMDIR" in reasons and "not a DICOM file" in reasons and "truncated" in reasons
     if mode == "pixel":
         assert "colour image" in reasons and "is not one the model was trained for" in reasons
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["counts"] == counts and manifest["mode"] == ("header-only" if mode == "header" else "pixel")
-    assert manifest["level"] == (None if mode == "header" else 0.5)
+    manifest = read_manifest(out / MANIFEST_NAME)
+    assert manifest["counts"] == counts and manifest["complete"]
+    assert manifest["runs"][0]["mode"] == ("header-only" if mode == "header" else "pixel")
+    assert manifest["runs"][0]["level"] == (None if mode == "header" else 0.5)
 
 
 @pytest.mark.parametrize("mode", ["header", "pixel"])
@@ -312,7 +301,7 @@ def test_dciodvfy_reports_no_error_the_input_did_not_have(runs, corpus, mode: st
     dciodvfy = _tool("dciodvfy")
     root, _ = corpus
     runner, summary, out = runs[mode]
-    sources = _source_map(runner, root)
+    sources = _source_map(summary, root)
     new_errors = []
     checked = 0
     for record in summary.records:
@@ -339,7 +328,7 @@ def test_level_zero_keeps_every_stored_value(corpus, tmp_path) -> None:
     summary = _runner(_test_model(), 0.0).run(subset, tmp_path / "out", progress=False)
     assert summary.counts["deidentified"] == 5, [r.reason for r in summary.records]
     for record in summary.records:
-        before = pydicom.dcmread(subset / record.input).pixel_array
+        before = pydicom.dcmread(subset / record.path).pixel_array
         after = pydicom.dcmread(tmp_path / "out" / record.output).pixel_array
         np.testing.assert_array_equal(after, before)
         assert record.blocked_fraction == 0.0
@@ -366,7 +355,7 @@ def test_malformed_inputs_fail_with_a_reason_and_the_batch_goes_on(tmp_path) -> 
     model = _test_model()
     for runner in (_runner(), _runner(model, 0.5)):
         summary = runner.run(src, tmp_path / f"out-{runner.mode}", progress=False)
-        by = {r.input: r for r in summary.records}
+        by = {r.path: r for r in summary.records}
         assert by["good.dcm"].status == "deidentified"
         assert by["truncated.dcm"].status == "failed" and "truncated" in by["truncated.dcm"].reason
         assert by["garbage.dcm"].status == "failed" and "not a DICOM file" in by["garbage.dcm"].reason
@@ -400,16 +389,27 @@ def test_cli_runs_reruns_consistently_and_guards_its_input(tmp_path, capsys) -> 
         assert cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / run), "--secret-file", str(secret),
                    "--retain-dates", "modified", "--no-progress") == 0
     assert "2 files: 2 de-identified, 0 refused, 0 failed" in capsys.readouterr().out
-    a = pydicom.dcmread(tmp_path / "a" / "patient" / "CT_small.dcm")
-    b = pydicom.dcmread(tmp_path / "b" / "patient" / "CT_small.dcm")
+    key = Keyring(bytes.fromhex(secret.read_text())).token("patient/CT_small.dcm")
+    manifest = read_manifest(tmp_path / "a" / MANIFEST_NAME)
+    name = next(r["output"] for r in manifest["files"] if r["input"] == key)
+    assert "CT_small" not in name and "patient" not in name and name.count("/") == 3
+    a = pydicom.dcmread(tmp_path / "a" / name)
+    b = pydicom.dcmread(tmp_path / "b" / name)
     assert a.StudyInstanceUID == b.StudyInstanceUID and a.PatientID == b.PatientID
     assert a.StudyDate != pydicom.dcmread(src / "CT_small.dcm").StudyDate
     assert "113107" in [i.CodeValue for i in a.DeidentificationMethodCodeSequence]
-    manifest = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())
-    assert manifest["options"]["retain_long_modified_dates"] is True
-    assert manifest["key_fingerprint"] == Keyring(bytes.fromhex(secret.read_text())).fingerprint
+    assert manifest["runs"][0]["options"]["retain_long_modified_dates"] is True
+    assert manifest["runs"][0]["key_fingerprint"] == Keyring(bytes.fromhex(secret.read_text())).fingerprint
     with pytest.raises(ValueError):
         cli("dicom", "deid", str(tmp_path / "in"), str(src / "out"), "--secret-file", str(secret))
+    with pytest.raises(ValueError):  # neither the manifest nor the path map may land in IN
+        cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "d"), "--secret-file", str(secret),
+            "--manifest", str(src / "m.jsonl"))
+    with pytest.raises(ValueError):
+        cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "d"), "--secret-file", str(secret),
+            "--path-map", str(tmp_path / "d" / "map.jsonl"))
+    with pytest.raises(ValueError):  # resuming needs the options of the run that wrote the journal
+        cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "a"), "--secret-file", str(secret), "--resume")
     with pytest.raises(ValueError):
         cli("dicom", "deid", str(tmp_path / "in"), str(tmp_path / "c"), "--secret-file", str(secret), "--level", "0.5")
 
@@ -419,7 +419,7 @@ def test_worker_processes_write_the_same_outputs_as_one_process(corpus, tmp_path
     src = root / "pydicom" / "dicomdirtests"
     one = _runner().run(src, tmp_path / "one", progress=False, workers=1)
     two = _runner().run(src, tmp_path / "two", progress=False, workers=2)
-    assert [(r.input, r.status) for r in one.records] == [(r.input, r.status) for r in two.records]
+    assert sorted((r.input, r.status) for r in one.records) == sorted((r.input, r.status) for r in two.records)
     for record in one.records:
         if record.status == "deidentified":
             assert (tmp_path / "one" / record.output).read_bytes() == (tmp_path / "two" / record.output).read_bytes()
@@ -445,12 +445,14 @@ def test_cli_pixel_mode_at_level_one_cleans_burned_in_pixels(tmp_path, capsys) -
     for level in ("0.5", "1"):
         args = parser.parse_args(["dicom", "deid", str(src), str(tmp_path / f"out{level}"), "--model", str(ckpt),
                                   "--level", level, "--secret-file", str(secret), "--device", "cpu", "--no-progress"])
-        assert args.func(args) == 0
-    rows = {r["input"]: r for r in json.loads((tmp_path / "out1" / MANIFEST_NAME).read_text())["files"]}
-    assert rows["mr.dcm"]["status"] == "refused" and "modality MR" in rows["mr.dcm"]["reason"]
-    assert rows["cr.dcm"]["status"] == "deidentified" and rows["cr.dcm"]["blocked_fraction"] == 1.0
-    out = pydicom.dcmread(tmp_path / "out1" / "cr.dcm")
+        assert args.func(args) == 1  # MR is refused: some file not done
+    keys = Keyring(SECRET)
+    rows = {r["input"]: r for r in read_manifest(tmp_path / "out1" / MANIFEST_NAME)["files"]}
+    mr, cr = rows[keys.token("mr.dcm")], rows[keys.token("cr.dcm")]
+    assert mr["status"] == "refused" and "modality MR" in mr["reason"]
+    assert cr["status"] == "deidentified" and cr["blocked_fraction"] == 1.0
+    out = pydicom.dcmread(tmp_path / "out1" / cr["output"])
     assert "113101" in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
     assert out.BurnedInAnnotation == "NO" and out.PhotometricInterpretation == "MONOCHROME1"
-    half = json.loads((tmp_path / "out0.5" / MANIFEST_NAME).read_text())["files"]
-    assert {r["input"]: r["status"] for r in half}["cr.dcm"] == "refused"
+    half = read_manifest(tmp_path / "out0.5" / MANIFEST_NAME)["files"]
+    assert {r["input"]: r["status"] for r in half}[keys.token("cr.dcm")] == "refused"

@@ -1,4 +1,10 @@
-"""``fedeid dicom ...``: de-identify DICOM folders, make a site secret."""
+"""``fedeid dicom ...``: de-identify DICOM folders, make a site secret.
+
+Exit status of ``deid`` (the project's convention): 0 every file done (de-identified or skipped
+with its reason); 1 some file failed or was refused (the rest are done, the manifest says which);
+2 a usage error or nothing to do (an empty IN). Nothing here imports torch unless pixel mode is
+asked for, so header-only runs start fast.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedeid.dicom.pipeline import MANIFEST_NAME, DicomDeidentifier
+from fedeid.dicom.pipeline import DEFAULT_MAX_BYTES, MANIFEST_NAME, DicomDeidentifier
 from fedeid.dicom.profile import ProfileOptions
 from fedeid.dicom.pseudonyms import Keyring, load_secret, new_secret_file
 from fedeid.io import InputError
@@ -26,8 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "deid",
         help="de-identify a folder of DICOM files into a mirrored folder",
         description=(
-            "Read IN recursively (never modifying it), write de-identified copies into OUT with the "
-            "same tree, and a manifest. With --model and --level the pixels of each image go through "
+            "Read IN recursively (never modifying it; symlinks, pipes and devices are listed as skipped), "
+            "write each de-identified file to OUT/<patient pseudonym>/<study UID>/<series UID>/<instance "
+            "UID>.dcm (new identifiers only, nothing of the input names), and journal every file in the "
+            "manifest (input paths as keyed hashes; --path-map keeps the table for the site). With --model and --level the pixels of each image go through "
             "the de-identification model (modalities it was not trained for and colour images are "
             "refused); without them only the header is de-identified (files with Burned In "
             "Annotation YES are then refused). Headers follow the Basic Application Level "
@@ -61,14 +69,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deid.add_argument(
         "--clean-descriptors",
         action="store_true",
-        help="keep descriptions and comments with this file's identifying values erased from them",
+        help="keep descriptions and comments, cleaned of names, IDs, dates, UIDs and phone numbers",
+    )
+    deid.add_argument(
+        "--clean-structured-content",
+        action="store_true",
+        help="keep SR content (Content/Acquisition Context Sequence) with its text cleaned, not replaced",
+    )
+    deid.add_argument(
+        "--clean-graphics",
+        action="store_true",
+        help="keep graphic annotation text cleaned, not replaced (overlay planes are always removed)",
     )
     deid.add_argument(
         "--safe-private",
         metavar="CSV",
         help="Retain Safe Private: rows 'private creator,group hex,element hex' (e.g. 'ACME 1.1,0019,10')",
     )
-    deid.add_argument("--manifest", metavar="PATH", help=f"manifest path (default OUT/{MANIFEST_NAME})")
+    deid.add_argument("--manifest", metavar="PATH", help=f"manifest journal path (default OUT/{MANIFEST_NAME})")
+    deid.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the inputs the manifest already records as done (same key and options required)",
+    )
+    deid.add_argument(
+        "--path-map",
+        metavar="FILE",
+        help="also write input hash -> input path (JSON lines, mode 600) to FILE, outside OUT, for the site",
+    )
+    deid.add_argument(
+        "--max-mb",
+        type=int,
+        default=DEFAULT_MAX_BYTES >> 20,
+        help="refuse files whose size, inflated size or decoded pixels exceed this many MiB (default %(default)s)",
+    )
     deid.add_argument("--device", default="auto", help="torch device for the model (default auto)")
     deid.add_argument("--batch-size", type=int, default=16, help="frames per model batch")
     deid.add_argument(
@@ -114,6 +148,8 @@ def _deid(args: argparse.Namespace) -> int:
         retain_institution_identity=args.retain_institution_identity,
         retain_uids=args.retain_uids,
         clean_descriptors=args.clean_descriptors,
+        clean_structured_content=args.clean_structured_content,
+        clean_graphics=args.clean_graphics,
         safe_private=read_safe_private(args.safe_private) if args.safe_private else frozenset(),
     )
     if args.reid is not None and args.model is None:
@@ -126,19 +162,33 @@ def _deid(args: argparse.Namespace) -> int:
         from fedeid.deid.pipeline import DeIdentifier
 
         model = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
-    runner = DicomDeidentifier(options, keyring, model=model, level=args.level, batch_size=args.batch_size)
+    if args.max_mb < 1:
+        raise ValueError("--max-mb must be at least 1")
+    runner = DicomDeidentifier(
+        options, keyring, model=model, level=args.level, batch_size=args.batch_size, max_bytes=args.max_mb << 20
+    )
     summary = runner.run(
-        args.input, args.output, manifest=args.manifest, progress=not args.no_progress, workers=args.workers
+        args.input,
+        args.output,
+        manifest=args.manifest,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        workers=args.workers,
+        resume=args.resume,
+        path_map=args.path_map,
     )
     for record in summary.records:
         if record.status in ("refused", "failed"):
-            print(f"{record.status}: {record.input}: {record.reason}", file=sys.stderr)
+            # The operator's terminal names the input (the site's own path); the manifest does not.
+            print(f"fedeid: {record.path}: {record.status}: {record.reason}", file=sys.stderr)
     print(summary.line())
     from fedeid.audit import record
     record("deid.dicom", inputs=args.input, model=args.model, level=args.level, mode=runner.mode,
            options=options.to_dict(), counts=summary.counts)
     print(f"manifest: {args.manifest or Path(args.output) / MANIFEST_NAME}")
-    return 0
+    if not summary.records and not summary.resumed:
+        print(f"fedeid: {args.input}: no files to de-identify", file=sys.stderr)
+        return 2
+    return 1 if summary.counts["failed"] or summary.counts["refused"] else 0
 
 
 def _keygen(args: argparse.Namespace) -> int:

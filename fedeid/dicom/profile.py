@@ -15,16 +15,30 @@ then walks datasets, sequences included, applying them:
 * ``X``: remove. ``K``: keep. ``U``: keyed UID replacement (consistent across files and runs).
 * ``X/Z/U*``: keep the sequence; the UIDs inside are replaced by their own rows.
 * ``C``: dates under *Modified Dates* shift by the patient's keyed offset (times unchanged);
-  text is cleaned by erasing every identifying value found elsewhere in the same dataset (names,
-  IDs, birth date, accession, institution, physicians); sequences are kept and cleaned.
+  text goes through the descriptor cleaner (``scrub.py``: every name, ID, date and UID of the
+  whole dataset tree, and date/UID/phone patterns, erased as whole tokens); sequences are kept
+  and cleaned.
 
-Beyond the table: private attributes are removed unless safe-listed; repeating groups
-``50xx`` (curves) and ``60xx`` (overlays) are removed whole, since the table removes their data and
-an overlay plane without data is malformed; group lengths and command-group elements are dropped
-(lengths change); and any UI value of an attribute outside the table that is not a UID of the
-standard itself (e.g. a UID in an unlisted attribute) is replaced too, so no instance UID survives
-unless *Retain UIDs* is chosen. When options disagree on one attribute, retaining (K) wins over
-cleaning (C), which wins over the basic action, as each option is a site's explicit choice.
+Containers are honoured: a sequence whose action is D or C (Content Sequence, Graphic Annotation
+Sequence, Acquisition Context Sequence) passes that action to every item element that has no row
+of its own and is not safe-listed, so SR ``TextValue`` under Content Sequence is replaced by a
+dummy in the Basic Profile and cleaned under *Clean Structured Content* (likewise graphic text
+under *Clean Graphics*, and rows whose D would replace text are cleaned instead).
+
+Beyond the table: a public attribute with no row is kept only if ``safe_attributes.csv`` lists it
+(pixel, geometry, technique, code and SR-structure attributes) or is a dictionary attribute of
+a VR that holds no free text (numbers, tags, code strings: ``_CODED_VRS``); otherwise it is
+removed (PN, text, dates and binary blobs included; a tag no dictionary knows included), except
+the few Type 1/2 text attributes an IOD cannot lose (``REQUIRED_TEXT_TAGS``: replaced by a dummy,
+or cleaned under Clean Descriptors). The limit: a number or a 16-character code string could
+in principle encode a date or a surname; no known attribute does, and a vendor that misuses one
+is not caught. Two more exceptions keep outputs linkable and valid: a UI value is replaced by its keyed UID (not removed) unless it is a UID of the
+standard itself, and a sequence is kept with its items judged element by element. Private
+attributes are removed unless safe-listed; repeating groups ``50xx`` (curves) and ``60xx``
+(overlays) are removed whole under every option (an overlay bitmap can carry burned-in text that
+no option can clean); group lengths and command-group elements are dropped (lengths change). When
+options disagree on one attribute, retaining (K) wins over cleaning (C), which wins over the basic
+action, as each option is a site's explicit choice.
 """
 
 from __future__ import annotations
@@ -37,17 +51,18 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
 
 from fedeid import __version__
 from fedeid.dicom.pseudonyms import Keyring, shift_da, shift_dt
+from fedeid.dicom.scrub import Identifiers, Scrubber, collect, values_of as _values
 
 TABLE_FILE = "annex_e.csv"
+SAFE_FILE = "safe_attributes.csv"
 
 # Option columns of annex_e.csv, in the order of Table E.1-1.
 OPTION_COLUMNS = (
@@ -67,6 +82,8 @@ OPTION_COLUMNS = (
 CODE_MEANINGS = {
     "113100": "Basic Application Confidentiality Profile",
     "113101": "Clean Pixel Data Option",
+    "113103": "Clean Graphics Option",
+    "113104": "Clean Structured Content Option",
     "113105": "Clean Descriptors Option",
     "113106": "Retain Longitudinal Temporal Information Full Dates Option",
     "113107": "Retain Longitudinal Temporal Information Modified Dates Option",
@@ -102,33 +119,23 @@ CLASS_UID_TAGS = frozenset(
 # is Type 3 (General Study Module) and is removed.
 TYPE2_XZ_SEQUENCES = frozenset({0x00400555})
 
-# Values collected from a dataset to erase from free text under the C (clean) action.
-IDENTIFYING_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "PatientBirthDate",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "AccessionNumber",
-    "StudyID",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy",
-    "PhysiciansOfRecord",
-    "OperatorsName",
-    "RequestingPhysician",
-    "StationName",
-    "DeviceSerialNumber",
+# Type 1/2 text attributes outside the table that their IOD cannot lose: replaced by a dummy (or
+# cleaned under Clean Descriptors) instead of removed, so the output stays valid.
+REQUIRED_TEXT_TAGS = frozenset(
+    {
+        0x00620005,  # Segment Label (Segmentation)
+        0x00620009,  # Segment Algorithm Name (Segmentation)
+        0x00700081,  # Content Description (Content Identification)
+        0x00409210,  # LUT Label (Real World Value Mapping)
+        0x00283003,  # LUT Explanation (Real World Value Mapping, Modality/VOI LUT)
+    }
 )
-
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC", "PN"})
+# Value length limits of the text VRs (PS3.5 6.2), so cleaned text stays a valid value.
+_MAX_CHARS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "PN": 64}
+# VRs that carry no free text (numbers, tags, code strings of defined terms): a dictionary
+# attribute of one of these, written with its dictionary VR, is kept without a safe-list entry.
+_CODED_VRS = frozenset({"CS", "AT", "DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "OF", "OD", "OL", "OV"})
 _DUMMY_TEXT = "DEIDENTIFIED"
 _DUMMY: dict[str, Any] = {
     "DA": "19000101",
@@ -174,6 +181,8 @@ class ProfileOptions:
     retain_institution_identity: bool = False
     retain_uids: bool = False
     clean_descriptors: bool = False
+    clean_structured_content: bool = False
+    clean_graphics: bool = False
     # Retain Safe Private: (private creator, group, element low byte) kept; empty removes all.
     safe_private: frozenset[tuple[str, int, int]] = field(default_factory=frozenset)
 
@@ -200,6 +209,8 @@ class ProfileOptions:
             "retain_long_full_dates": "113106",
             "retain_long_modified_dates": "113107",
             "clean_descriptors": "113105",
+            "clean_structured_content": "113104",
+            "clean_graphics": "113103",
         }
         return ["113100"] + [by_option[o] for o in self.enabled]
 
@@ -270,41 +281,44 @@ def _dict_vr(tag: int) -> str:
     return vr.split(" or ")[0]
 
 
-def _values(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, MultiValue)):
-        return list(value)
-    return [value]
+@lru_cache(maxsize=4096)
+def _vr_fits(tag: int, vr: str) -> bool:
+    """Whether ``vr`` is one the dictionary allows for ``tag``: a safe-listed tag written with
+    another VR (a mislabelled or crafted element) is not what the safe list vouches for."""
+    try:
+        return vr in dictionary_VR(tag).split(" or ")
+    except KeyError:
+        return False
 
 
-def collect_identifiers(ds: Dataset) -> set[str]:
-    """Identifying strings of a dataset (whole values and name components, 3+ characters).
-
-    Used to erase them from free text kept by the C action and from output paths.
-    """
-    found: set[str] = set()
-    for keyword in IDENTIFYING_KEYWORDS:
-        try:
-            value = ds.get(keyword)
-        except Exception:  # a malformed value: nothing usable to collect from it
-            continue
-        for v in _values(value):
-            s = str(v).strip()
-            if not s:
-                continue
-            found.add(s)
-            for part in re.split(r"[\^=\s,]+", s):
-                if len(part) >= 3:
-                    found.add(part)
-    return {s for s in found if len(s) >= 3}
+@lru_cache(maxsize=1)
+def safe_tags() -> frozenset[int]:
+    """Tags of ``safe_attributes.csv``; a keyword the dictionary does not know is an error in the data."""
+    text = resources.files("fedeid.dicom").joinpath(SAFE_FILE).read_text(encoding="utf-8")
+    tags = set()
+    for line in text.splitlines():
+        keyword = line.split("#", 1)[0].strip()
+        if keyword:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"{SAFE_FILE}: {keyword!r} is not a DICOM keyword")
+            tags.add(tag)
+    return frozenset(tags)
 
 
 def patient_key(ds: Dataset) -> str:
-    """What makes one patient one patient across files: the basis of pseudonym and date shift."""
+    """What makes one patient one patient across files: the basis of pseudonym and date shift.
+
+    The Patient ID alone, without its issuer: a site exports the same patient sometimes with
+    IssuerOfPatientID and sometimes without, and two keys would give one patient two pseudonyms
+    and two date shifts (intervals between their studies would no longer hold). The limit: two
+    patients of two issuers who share an ID text share a pseudonym; a site merging several
+    issuers' ID spaces should make IDs unique first. Without an ID: name and birth date; without
+    those, the study (each study then its own patient).
+    """
     pid = str(ds.get("PatientID", "") or "").strip()
     if pid:
-        return f"id:{str(ds.get('IssuerOfPatientID', '') or '').strip()}/{pid}"
+        return f"id:{pid}"
     name = str(ds.get("PatientName", "") or "").strip()
     if name:
         return f"name:{name}|{str(ds.get('PatientBirthDate', '') or '').strip()}"
@@ -320,18 +334,23 @@ class HeaderProfile:
         self.keys = keyring
         self._actions = action_map(options)
         self._shift_dates = options.retain_long_modified_dates
+        self._safe = safe_tags()
+        self._cleans_text = options.clean_descriptors or options.clean_structured_content or options.clean_graphics
 
     # -- public -----------------------------------------------------------------------------
-    def apply(self, ds: Dataset, extra_codes: Iterable[str] = (), method_notes: Iterable[str] = ()) -> None:
-        """De-identify ``ds`` in place and record how (PS3.15 E.1.1 attributes)."""
+    def apply(self, ds: Dataset, extra_codes: Iterable[str] = (), method_notes: Iterable[str] = ()) -> str:
+        """De-identify ``ds`` in place and record how (PS3.15 E.1.1 attributes); returns the
+        patient's pseudonym (empty when the file names no patient, study or ID)."""
         pkey = patient_key(ds)
         ctx = _Context(
             pseudonym=self.keys.pseudonym(pkey) if pkey else "",
             shift=self.keys.date_shift(pkey or "no-patient"),
-            scrub=_scrubber(collect_identifiers(ds)),
+            # Collected before the walk changes anything, and only when an option keeps text.
+            found=collect(ds) if self._cleans_text else Identifiers(),
         )
         self._clean(ds, ctx)
         self._mark(ds, extra_codes, method_notes)
+        return ctx.pseudonym
 
     # -- walking ----------------------------------------------------------------------------
     def _clean(self, ds: Dataset, ctx: _Context) -> None:
@@ -383,14 +402,31 @@ class HeaderProfile:
         return known if known != "UN" else str(vr or "UN")
 
     def _unlisted(self, ds: Dataset, tag: int, ctx: _Context) -> None:
+        """An attribute without a row: safe-listed ones stay; inside a D/C container, text takes
+        the container's action; everywhere else only UIDs (mapped) and sequences (walked) stay."""
         vr = self._vr(ds, tag)
         if vr == "SQ":
-            for item in ds[tag].value:
-                self._clean(item, ctx)
-        elif vr == "UI" and tag not in CLASS_UID_TAGS and not self.options.retain_uids:
+            if _dict_vr(tag) == "UN":  # a sequence no dictionary knows: nothing vouches for it
+                del ds[tag]
+            else:
+                for item in ds[tag].value:
+                    self._clean(item, ctx)
+        elif tag in self._safe and _vr_fits(tag, vr):
+            return
+        elif vr == "UI":
+            if self.options.retain_uids:
+                return
             elem = ds[tag]
             mapped = [v if str(v) in UID_dictionary else self.keys.uid(str(v)) for v in _values(elem.value) if str(v)]
             _set(elem, mapped)
+        elif vr in _CODED_VRS and _vr_fits(tag, vr):
+            return  # a number or defined term of the dictionary (an RT ROI number, a region flag)
+        elif ctx.container and _dict_vr(tag) != "UN" and vr in _TEXT_VRS | {"DA", "DT", "TM", "UR"}:
+            self._act(ds, tag, ctx.container, ctx)
+        elif tag in REQUIRED_TEXT_TAGS:
+            self._act(ds, tag, "C" if self.options.clean_descriptors else "D", ctx)
+        else:
+            del ds[tag]
 
     def _act(self, ds: Dataset, tag: int, action: str, ctx: _Context) -> None:
         if action == "X":
@@ -406,11 +442,19 @@ class HeaderProfile:
             elif action == "Z":
                 ds[tag].value = Sequence()
             else:  # K, KS, C, D, U on a sequence: keep it, clean what is inside
-                for item in ds[tag].value:
-                    self._clean(item, ctx)
+                # D and C pass on to the items' unlisted text (K keeps; KS only maps UIDs).
+                outer = ctx.container
+                ctx.container = action if action in ("D", "C") else outer
+                try:
+                    for item in ds[tag].value:
+                        self._clean(item, ctx)
+                finally:
+                    ctx.container = outer
             return
         if action == "K":  # an option the site chose keeps this attribute, UIDs included
             return
+        if action == "D" and ctx.container == "C" and vr in _TEXT_VRS and vr != "PN":
+            action = "C"  # a clean option on the container: its text is cleaned, not replaced
         elem = ds[tag]
         if tag == 0x00100020 and action in ("D", "Z"):  # Patient ID: the keyed pseudonym
             _set(elem, [ctx.pseudonym] if ctx.pseudonym else [])
@@ -437,15 +481,20 @@ class HeaderProfile:
             elif vr == "DT":
                 _set(elem, [shift_dt(str(v), ctx.shift) for v in _values(elem.value)])
             return
-        if vr in _TEXT_VRS and elem.value is not None:
-            _set(elem, [ctx.scrub(str(v)) for v in _values(elem.value)])
+        if vr == "PN":  # a person's name is never text to clean: it is replaced
+            _set(elem, [_dummy(vr)])
+        elif vr in _TEXT_VRS and elem.value is not None:
+            limit = _MAX_CHARS.get(vr)
+            _set(elem, [ctx.scrub(str(v))[:limit] for v in _values(elem.value)])
 
     # -- marking ----------------------------------------------------------------------------
     def _mark(self, ds: Dataset, extra_codes: Iterable[str], method_notes: Iterable[str]) -> None:
         ds.PatientIdentityRemoved = "YES"
-        notes = [f"PS3.15 E.1 Basic Profile, fedeid {__version__}"] + [n[:64] for n in method_notes]
-        ds.DeidentificationMethod = notes if len(notes) > 1 else notes[0]
         codes = self.options.method_codes() + [c for c in extra_codes if c not in self.options.method_codes()]
+        # The text names the profile, then every option in force (as the code sequence does).
+        notes = [f"PS3.15 E.1 Basic Profile, fedeid {__version__}"]
+        notes += [CODE_MEANINGS[c][:64] for c in codes[1:]] + [n[:64] for n in method_notes]
+        ds.DeidentificationMethod = notes if len(notes) > 1 else notes[0]
         items = []
         for value in codes:
             item = Dataset()
@@ -464,27 +513,19 @@ class HeaderProfile:
 
 @dataclass
 class _Context:
+    """One dataset's walk: its patient's keys, the enclosing container's action, its cleaner."""
+
     pseudonym: str
     shift: Any
-    scrub: Any
+    found: Identifiers
+    container: str = ""
+    _scrubber: Scrubber | None = None
 
-
-def _scrubber(identifiers: set[str]) -> Any:
-    """A function erasing every identifier (longest first, case-insensitive) from a text.
-
-    The pattern is compiled on first use: most files under most options clean no text at all.
-    """
-    if not identifiers:
-        return lambda s: s
-    compiled: list[re.Pattern[str]] = []
-
-    def scrub(text: str) -> str:
-        if not compiled:
-            alternatives = "|".join(re.escape(s) for s in sorted(identifiers, key=len, reverse=True))
-            compiled.append(re.compile(alternatives, re.IGNORECASE))
-        return compiled[0].sub("***", text)
-
-    return scrub
+    def scrub(self, text: str) -> str:
+        # Compiled on first use: under most options most files clean no text at all.
+        if self._scrubber is None:
+            self._scrubber = Scrubber(self.found)
+        return self._scrubber(text)
 
 
 def _dummy(vr: str) -> Any:

@@ -11,13 +11,13 @@ runs can be checked for having used the same key.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import secrets
 import uuid
 from datetime import date, timedelta
 from pathlib import Path
-
-from cryptography.hazmat.primitives import hashes, hmac
 
 from fedeid.io import InputError, atomic_write_bytes
 
@@ -32,8 +32,9 @@ def new_secret_file(path: str | os.PathLike[str]) -> None:
     target = Path(path)
     if target.exists():
         raise InputError(target, "exists; refusing to overwrite a site secret (every mapping depends on it)")
-    atomic_write_bytes(target, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
-    target.chmod(0o600)
+    # private from creation: written with the umask's mode and chmod-ed after, the secret would be
+    # world-readable for a moment
+    atomic_write_bytes(target, secrets.token_hex(SECRET_BYTES).encode() + b"\n", private=True)
 
 
 def load_secret(path: str | os.PathLike[str]) -> bytes:
@@ -63,9 +64,10 @@ class Keyring:
 
     def _mac(self, domain: str, value: str) -> bytes:
         # The domain separates the uses of one key: a UID and a PatientID with equal text map apart.
-        h = hmac.HMAC(self._secret, hashes.SHA256())
-        h.update(domain.encode() + b"\x00" + value.encode("utf-8", "surrogateescape"))
-        return h.finalize()
+        # The standard library's HMAC: the same HMAC-SHA256 as any other, without importing a
+        # crypto package on the start-up path of every header-only run.
+        message = domain.encode() + b"\x00" + value.encode("utf-8", "surrogateescape")
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
 
     @property
     def fingerprint(self) -> str:
@@ -87,7 +89,8 @@ class Keyring:
         return f"FEDEID-{token[:20]}"
 
     def token(self, original: str) -> str:
-        """A short keyed token for path components that carry an identifier."""
+        """A short keyed token naming what must not be named in clear: an input path in the
+        manifest, an output path part that is not a plain UID."""
         return "x" + self._mac("path", original).hex()[:16]
 
     def date_shift(self, patient_key: str) -> timedelta:
