@@ -231,3 +231,19 @@ def test_simulate_command_writes_the_report(tmp_path):
     assert results["mode"] == "federated" and "fedeid" in results["methods"]
     fed = json.loads((out / "federated.json").read_text())["summary_table"]
     assert 0 < fed["shared_fraction_of_full_model"] < 1 and fed["rounds"] == preset("test").fed.rounds
+
+
+def test_round_watcher_prints_one_line_per_new_round(tmp_path, capsys):
+    from fedeid.federated.simulation import RoundWatcher
+
+    path = tmp_path / "metrics.json"
+    row = {"round": 1, "valid_replies": 2, "sampled": 3, "rejected": [7],
+           "train_metrics": {"rec": 0.25, "task": 0.5}, "central_dp": {"epsilon": 1.5}}
+    path.write_text(json.dumps({"rounds": [row]}))  # a resumed run's first round: not news
+    with RoundWatcher(path, rounds=3, poll_seconds=0.01):
+        path.write_text(json.dumps({"rounds": [row, {**row, "round": 2}, {**row, "round": 3}]}))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("federated:")]
+    assert len(lines) == 2
+    assert lines[0].startswith("federated: 1/2 rounds")
+    assert "round 2: 2/3 valid replies, 1 rejected, reconstruction 0.250, finding loss 0.500, ε 1.50" in lines[0]
+    assert "round 3" in lines[1]

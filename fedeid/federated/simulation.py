@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from fedeid.config import Config
 from fedeid.federated.runconfig import config_from_run, run_config_for, run_options
+from fedeid.progress import Progress
 
 log = logging.getLogger("fedeid.federated")
 
@@ -61,10 +63,11 @@ def simulate(cfg: Config, out_dir: str | Path, *, engine: str = "flwr", resume: 
         log.warning("fedeid is not running from its project folder: using the in-process engine")
         engine = "inprocess"
     peak_rss = None
-    if engine == "inprocess":
-        _run_inprocess(run_config, n, drop)
-    else:
-        peak_rss = _run_flwr(run_config, n, out / "flower", timeout)
+    with RoundWatcher(fed_dir / "metrics.json", cfg.fed.rounds):
+        if engine == "inprocess":
+            _run_inprocess(run_config, n, drop)
+        else:
+            peak_rss = _run_flwr(run_config, n, out / "flower", timeout)
     wall = time.perf_counter() - t0
     metrics = json.loads((fed_dir / "metrics.json").read_text())
     metrics["paths"] = {"federation": str(fed_dir), "global": str(fed_dir / "global.pt"),
@@ -75,6 +78,68 @@ def simulate(cfg: Config, out_dir: str | Path, *, engine: str = "flwr", resume: 
     if peak_rss is not None:
         metrics["peak_rss_bytes"] = peak_rss  # SuperLink + ServerApp + Ray workers, sampled every 0.5 s
     return metrics
+
+
+class RoundWatcher:
+    """One console line per finished round while the federation runs.
+
+    The ServerApp runs in another process under the Flower engine (its output is only in
+    ``flwr-run.log`` afterwards), so minutes passed with nothing on the console. Both engines
+    write ``metrics.json`` atomically after every round; a thread polling it serves both.
+    """
+
+    def __init__(self, metrics_path: Path, rounds: int, poll_seconds: float = 2.0) -> None:
+        self.metrics_path = metrics_path
+        self.rounds = rounds
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fedeid-rounds", daemon=True)
+        self._seen = 0
+
+    def __enter__(self) -> RoundWatcher:
+        self._seen = len(self._rounds())  # a resumed run's earlier rounds are not news
+        self._progress = Progress(max(self.rounds - self._seen, 0), "federated", "round", every=0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # the last round, written just before the run returned
+        self._progress.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self._poll()
+
+    def _rounds(self) -> list[dict[str, Any]]:
+        try:
+            return list(json.loads(self.metrics_path.read_text()).get("rounds", []))
+        except (OSError, ValueError):  # not written yet
+            return []
+
+    def _poll(self) -> None:
+        rounds = self._rounds()
+        for row in rounds[self._seen:]:
+            self._progress.update(status=round_status(row))
+        self._seen = max(self._seen, len(rounds))
+
+
+def round_status(row: dict[str, Any]) -> str:
+    """What a person watching wants of a round: who replied, who was rejected, the sites' mean
+    reconstruction and finding losses, and ε."""
+    parts = [f"round {row.get('round')}: {row.get('valid_replies', 0)}/{row.get('sampled')} valid replies"]
+    if row.get("rejected"):
+        parts.append(f"{len(row['rejected'])} rejected")
+    metrics = row.get("train_metrics") or {}
+    parts += [f"{name} {metrics[key]:.3f}" for key, name in (("rec", "reconstruction"), ("task", "finding loss"))
+              if key in metrics]
+    eps = (row.get("central_dp") or {}).get("epsilon")
+    if eps is None:
+        eps = (row.get("local_dp") or {}).get("epsilon_max")
+    if eps is not None:
+        parts.append(f"ε {eps:.2f}")
+    return ", ".join(parts)
 
 
 def _run_inprocess(run_config: dict[str, Any], n: int, drop: Any) -> None:
