@@ -21,10 +21,10 @@ test: $(VENV)/.installed system-tools
 
 # The system programs the tests drive, from Debian/Ubuntu apt, installed when missing (as root,
 # or with password-less sudo): the independent DICOM validators dciodvfy (dicom3tools) and
-# dcmdump (dcmtk) that check fedeid's DICOM outputs, and nginx (nginx-light), the Fleet-only
-# proxy of the deployment perimeter. Where installing is impossible the tests that need them
+# dcmdump (dcmtk) that check fedeid's DICOM outputs, nginx (nginx-light), the Fleet-only
+# proxy of the deployment perimeter, and headless Chromium, which renders the risk report. Where installing is impossible the tests that need them
 # skip, and this says so loudly; under CI=true they fail instead, so CI never passes without them.
-SYSTEM_TOOLS := dciodvfy:dicom3tools dcmdump:dcmtk nginx:nginx-light
+SYSTEM_TOOLS := dciodvfy:dicom3tools dcmdump:dcmtk nginx:nginx-light chromium:chromium
 
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
