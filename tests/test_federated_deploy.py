@@ -87,6 +87,6 @@ def test_tls_deployment_two_rounds_and_unregistered_node_refused(deployment, tmp
     assert out.shape == images.shape and np.isfinite(out).all()
     assert 0.3 < mask.mean() < 0.7
     assert not np.allclose(out[mask], images[mask])
-    assert np.array_equal(out[~mask], images[~mask])
+    assert (out[~mask] != images[~mask]).mean() > 0.99  # visible regions are re-rendered, never copied
     same, _ = deid.deidentify(images, 0.0)
     assert np.array_equal(same, images)
