@@ -97,8 +97,7 @@ def compose_native(native: np.ndarray, small_in: np.ndarray, small_out: np.ndarr
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
 
-    mask = t(small_mask)
+    synth, mask_native = upsample_result(small_out, small_mask, shape)
     detail = gaussian_blur(t(native), sigma * scale) - resize(gaussian_blur(t(small_in), sigma), shape)
-    out = resize(t(small_out), shape) + (1 - resize(feather(mask, feather_sigma), shape)) * detail
-    mask_native = F.interpolate(mask, size=shape, mode="nearest")[0, 0].numpy() > 0.5
-    return out[0, 0].clamp(0, 1).numpy(), mask_native
+    visible = 1 - resize(feather(t(small_mask), feather_sigma), shape)
+    return (t(synth) + visible * detail)[0, 0].clamp(0, 1).numpy(), mask_native

@@ -146,19 +146,24 @@ class DeIdentifier:
 
     def deidentify_native(self, image: np.ndarray, level: float,
                           seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One image [H, W] in [0, 1] at its own resolution -> (de-identified [H, W], blocked mask [H, W]).
-
-        The network runs at its own size; the result is composed at native resolution: the
-        synthesis is upsampled and, outside the blocked patches, the native image low-passed at
-        the level's strength (scaled to native pixels) supplies the detail the network's size
-        cannot hold. Level 0 returns the input exactly.
-        """
+        """One image [H, W] in [0, 1] at its own resolution -> (de-identified [H, W], blocked mask [H, W])."""
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"expected one grey image [H, W], got shape {image.shape}")
         small = resize_array(image, self.image_size)
         out, mask = self.deidentify(small[None], level, seed=seed)
+        return self.compose_native(image, small, out[0], mask[0], level)
+
+    def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
+                       level: float) -> tuple[np.ndarray, np.ndarray]:
+        """A result at the model's size (``small`` in, ``out`` and ``mask`` from :meth:`deidentify`)
+        -> the release at ``native``'s resolution, and the blocked mask there.
+
+        The synthesis is upsampled and, outside the blocked patches, the native image low-passed
+        at the level's strength (scaled to native pixels) supplies the detail the network's size
+        cannot hold; no native pixel is copied above level 0. Level 0 returns the input exactly.
+        """
         if level == 0:
-            return image.copy(), np.zeros(image.shape, dtype=bool)
+            return np.asarray(native, dtype=np.float32).copy(), np.zeros(native.shape, dtype=bool)
         sigma = float(self.model.visible_sigma(level)[0])
-        return compose_native(image, small, out[0], mask[0], sigma, self.cfg.model.feather)
+        return compose_native(native, small, out, mask, sigma, self.cfg.model.feather)
