@@ -109,12 +109,18 @@ def find_images(root: Path) -> list[Path]:
 
 
 def cmd_deid(args: argparse.Namespace) -> int:
+    from fedeid.checkpoint import load_checkpoint
     from fedeid.data.loaders import read_image
     from fedeid.deid.pipeline import DeIdentifier
+    from fedeid.eval.calibration import describe_level
 
     deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
     if not 0.0 <= args.level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
+    try:  # what the level bought on held-out patients, as measured when the model was evaluated
+        print(describe_level(load_checkpoint(args.model)["extra"].get("calibration"), args.level))
+    except ValueError as exc:
+        print(f"fedeid: {args.model}: calibration ignored: {exc}", file=sys.stderr)
     files = find_images(args.input)
     base = args.input if args.input.is_dir() else args.input.parent
     done, failed = 0, 0

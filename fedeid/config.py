@@ -104,6 +104,12 @@ class EvalConfig:
     adaptive_epochs: int = 4
     classifier_epochs: int = 12
     classifier_size: int = 64  # the finding classifier sees images resized to this
+    # the attacker suite (fedeid.eval.attackers); privacy figures are the worst case over it
+    attackers: tuple[str, ...] = ("learned", "adaptive", "keypoint", "patch", "foundation", "foundation_tuned",
+                                  "model_holder")
+    attacker_size: int = 64  # the learned attacker sees images at this size (128: 4x the cost of every adaptive retraining)
+    patch_shift: int = 4  # patch attacker: pixels of shift searched (acquisitions move ~2 px, rotate ~3 deg)
+    patch_top_k: int = 8  # patch attacker: mean of this many best-matching patches (of 64 at 128 px)
 
 
 @dataclass
@@ -210,5 +216,7 @@ def preset(name: str) -> Config:
         cfg.eval.attacker_epochs = 1
         cfg.eval.adaptive_epochs = 1
         cfg.eval.classifier_epochs = 1
+        cfg.eval.attacker_size = 32
+        cfg.eval.patch_shift = 2
         return cfg
     raise ValueError(f"unknown preset {name!r}; choose quick, full or test")

@@ -14,6 +14,7 @@ from typing import Any
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
+from fedeid.eval.calibration import calibration_from_results
 from fedeid.eval.report import Evaluator, Method, acceptance, baseline_method, deid_method, summary_table, write_report
 from fedeid.models.deid_model import build_deid_model
 from fedeid.train import train_deid, train_reid
@@ -49,13 +50,14 @@ def evaluate_and_report(deidentifier: DeIdentifier, train: ImageSet, test: Image
     evaluator = Evaluator(train, test, cfg, progress=progress)
     methods = methods_for(deidentifier, cfg) | (extra_methods or {})
     results = evaluator.run(methods, cfg.eval.levels)
+    evaluator.write_grid({"fedeid": methods["fedeid"], **(extra_methods or {})}, Path(out_dir) / "grid.png")
     results["acceptance"] = acceptance(results)
     results["config"] = cfg.to_dict()
     results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
     results.update(extra or {})
     paths = write_report(results, out_dir)
     print(summary_table(results))
-    print(f"report: {paths['json']}  plot: {paths['png']}")
+    print(f"report: {paths['json']}  plot: {paths['png']}  pictures: {Path(out_dir) / 'grid.png'}")
     return results
 
 
@@ -74,7 +76,11 @@ def run_central_benchmark(sites: list[ImageSet], test: ImageSet, cfg: Config, ou
         train_deid(ablation, deidentifier.reid, train, ablation_cfg, cfg.train.deid_epochs, progress=progress)
         extra_methods["no_decoupler"] = deid_method(DeIdentifier.from_models(ablation, deidentifier.reid, ablation_cfg))
         timing["ablation_train_seconds"] = time.perf_counter() - t0 - timing["train_seconds"]
-    deidentifier.save(Path(out_dir) / "fedeid_central.pt")
-    return evaluate_and_report(deidentifier, train, test, cfg, out_dir, extra_methods,
-                               extra={"training": metrics, "mode": "central", "train_timing": timing},
-                               progress=progress)
+    checkpoint = Path(out_dir) / "fedeid_central.pt"
+    deidentifier.save(checkpoint, extra={"training": metrics})  # kept even if the evaluation fails
+    results = evaluate_and_report(deidentifier, train, test, cfg, out_dir, extra_methods,
+                                  extra={"training": metrics, "mode": "central", "train_timing": timing},
+                                  progress=progress)
+    # the checkpoint states what each level bought on these held-out patients (fedeid deid prints it)
+    deidentifier.save(checkpoint, extra={"training": metrics, "calibration": calibration_from_results(results)})
+    return results

@@ -32,7 +32,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _cosine(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+def cosine_similarity(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """Cosine similarity matrix [Q, G] in float64; zero vectors get similarity 0 to everything."""
     q = query.astype(np.float64).reshape(len(query), -1)
     g = gallery.astype(np.float64).reshape(len(gallery), -1)
@@ -99,7 +99,7 @@ def reid_metrics(
         if len(q_keys) != len(q_emb) or len(g_keys) != len(g_emb):
             raise ValueError("keys must have one entry per embedding")
         usable = q_keys[:, None] != g_keys[None, :]
-    return similarity_metrics(_cosine(q_emb, g_emb), query_ids, gallery_ids, usable)
+    return similarity_metrics(cosine_similarity(q_emb, g_emb), query_ids, gallery_ids, usable)
 
 
 def _tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:

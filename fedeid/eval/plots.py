@@ -1,6 +1,6 @@
 """The privacy–utility figure and the "on or above the curve" check (method.md, A.5).
 
-Privacy is the attacker's re-identification P@1 (lower is more private), utility the downstream
+Privacy is the worst-case re-identification P@1 over the attacker suite (lower is more private), utility the downstream
 classifier's macro AUC on de-identified images (higher is better). A method is better than a
 baseline when its curve lies on or above the baseline's: at every privacy the baseline reaches,
 it keeps at least as much utility (:func:`pareto_dominance`).
@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 
 from fedeid.io import atomic_save  # noqa: E402
 
-_REQUIRED = ("levels", "p_at_1", "utility_auc", "ssim", "psnr")
-_OPTIONAL = ("adaptive_p_at_1", "utility_auc_retrained")
+_REQUIRED = ("levels", "worst_p_at_1", "utility_auc", "ssim")
+_OPTIONAL = ("worst_verification_auc", "utility_auc_retrained")
 
 
 def _series(method: str, entry: dict[str, Any], key: str, n: int) -> np.ndarray:
@@ -33,26 +33,30 @@ def _series(method: str, entry: dict[str, Any], key: str, n: int) -> np.ndarray:
     return values
 
 
-def plot_privacy_utility(results: dict[str, Any], path: str | os.PathLike[str], dpi: int = 150) -> None:
+def plot_privacy_utility(results: dict[str, Any], path: str | os.PathLike[str], dpi: int = 150,
+                         focus: str = "fedeid") -> None:
     """Draw the privacy–utility figure of ``results`` and save it as PNG at ``path`` (atomically).
 
-    ``results`` = ``{"methods": {name: {"levels", "p_at_1", "utility_auc", "ssim", "psnr",
-    optional "adaptive_p_at_1", "utility_auc_retrained"}}, "reference": {"p_at_1_original",
-    "utility_auc_original", "chance_p_at_1"}}``, every series one value per level. Panels:
+    ``results`` = ``{"methods": {name: {"levels", "worst_p_at_1", "utility_auc", "ssim", optional
+    "worst_verification_auc", "utility_auc_retrained", "attacks": {attacker: {"p_at_1": [...]}}}},
+    "reference": {"worst_p_at_1_original", "utility_auc_original", "chance_p_at_1"}}``, every
+    series one value per level. Privacy is always the worst case over the attacker suite; the
+    per-attacker figures stand beside it. Panels:
 
-    (a) utility AUC against attacker P@1, one line per method through its levels, each point
-        labelled with its level; dashed, the same method against the adaptive (retrained)
-        attacker. Chance P@1 is a dashed vertical line, the original images' AUC a horizontal one
-        — the ideal de-identifier sits at their top-left corner.
-    (b) P@1 against level (dashed: adaptive attacker), with chance and original P@1.
-    (c) utility AUC against level (dotted: classifier retrained on de-identified images).
-    (d) SSIM against level — how much of the image survives (PSNR is in the JSON, not drawn,
-        being infinite at level 0).
+    (a) utility AUC against worst-case P@1, one line per method through its levels, each point
+        labelled with its level. Chance P@1 is a dashed vertical line, the original images' AUC a
+        horizontal one — the ideal de-identifier sits at their top-left corner.
+    (b) worst-case P@1 against level, every method, with chance and the originals' worst case.
+    (c) each attacker's P@1 against level for ``focus`` (the first method if absent), the worst
+        case drawn thick: which attacker sets the figure where.
+    (d) worst-case verification AUC against level.
+    (e) utility AUC against level (dotted: classifier retrained on de-identified images).
+    (f) SSIM against level — how much of the image survives.
     """
     methods = results["methods"]
     ref = results["reference"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9.5))
-    ax_pu, ax_p, ax_u, ax_q = axes.ravel()
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    ax_pu, ax_p, ax_att, ax_v, ax_u, ax_q = axes.ravel()
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, entry) in enumerate(methods.items()):
         missing = [k for k in _REQUIRED if k not in entry]
@@ -61,38 +65,47 @@ def plot_privacy_utility(results: dict[str, Any], path: str | os.PathLike[str], 
         levels = np.asarray(entry["levels"], dtype=float)
         series = {k: _series(name, entry, k, len(levels)) for k in _REQUIRED[1:] + _OPTIONAL if k in entry}
         c = colours[i % len(colours)]
-        ax_pu.plot(series["p_at_1"], series["utility_auc"], "o-", color=c, label=name)
-        for lv, x, y in zip(levels, series["p_at_1"], series["utility_auc"]):
+        ax_pu.plot(series["worst_p_at_1"], series["utility_auc"], "o-", color=c, label=name)
+        for lv, x, y in zip(levels, series["worst_p_at_1"], series["utility_auc"]):
             if np.isfinite(x) and np.isfinite(y):
                 ax_pu.annotate(f"{lv:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
-        ax_p.plot(levels, series["p_at_1"], "o-", color=c, label=name)
+        ax_p.plot(levels, series["worst_p_at_1"], "o-", color=c, label=name)
         ax_u.plot(levels, series["utility_auc"], "o-", color=c, label=name)
         ax_q.plot(levels, series["ssim"], "o-", color=c, label=name)
-        if "adaptive_p_at_1" in series:
-            ax_pu.plot(series["adaptive_p_at_1"], series["utility_auc"], "o--", color=c, alpha=0.5,
-                       mfc="none", label=f"{name} (adaptive attacker)")
-            ax_p.plot(levels, series["adaptive_p_at_1"], "o--", color=c, alpha=0.5, mfc="none",
-                      label=f"{name} (adaptive)")
+        if "worst_verification_auc" in series:
+            ax_v.plot(levels, series["worst_verification_auc"], "o-", color=c, label=name)
         if "utility_auc_retrained" in series:
             ax_u.plot(levels, series["utility_auc_retrained"], "s:", color=c, alpha=0.6,
                       label=f"{name} (retrained classifier)")
 
-    chance, p_orig, u_orig = ref.get("chance_p_at_1"), ref.get("p_at_1_original"), ref.get("utility_auc_original")
-    for ax, vertical in ((ax_pu, True), (ax_p, False)):
+    shown = focus if focus in methods else next(iter(methods))
+    entry = methods[shown]
+    levels = np.asarray(entry["levels"], dtype=float)
+    for j, (attacker, figures) in enumerate(entry.get("attacks", {}).items()):
+        ax_att.plot(levels, _series(shown, figures, "p_at_1", len(levels)), "o--",
+                    color=colours[j % len(colours)], alpha=0.8, label=attacker)
+    ax_att.plot(levels, _series(shown, entry, "worst_p_at_1", len(levels)), "k-", lw=2.5, label="worst case")
+
+    chance, p_orig, u_orig = (ref.get("chance_p_at_1"), ref.get("worst_p_at_1_original"),
+                              ref.get("utility_auc_original"))
+    for ax, vertical in ((ax_pu, True), (ax_p, False), (ax_att, False)):
         if chance is not None:
             line = ax.axvline if vertical else ax.axhline
             line(chance, color="grey", ls="--", lw=1, label=f"chance P@1 ({chance:.3f})")
+            line(3 * chance, color="grey", ls=":", lw=1, label="3 x chance")
     if p_orig is not None:
-        ax_p.axhline(p_orig, color="black", ls=":", lw=1, label=f"original P@1 ({p_orig:.3f})")
+        ax_p.axhline(p_orig, color="black", ls=":", lw=1, label=f"originals, worst case ({p_orig:.3f})")
     if u_orig is not None:
         for ax in (ax_pu, ax_u):
             ax.axhline(u_orig, color="black", ls=":", lw=1, label=f"original AUC ({u_orig:.3f})")
 
-    ax_pu.set(xlabel="attacker P@1 (lower = more private)", ylabel="utility: macro AUC",
-              title="(a) privacy–utility (labels: level)")
-    ax_p.set(xlabel="privacy level", ylabel="attacker P@1", title="(b) re-identification vs level")
-    ax_u.set(xlabel="privacy level", ylabel="macro AUC", title="(c) utility vs level")
-    ax_q.set(xlabel="privacy level", ylabel="SSIM to original", title="(d) image similarity vs level")
+    ax_pu.set(xlabel="worst-case P@1 over the attacker suite (lower = more private)",
+              ylabel="utility: macro AUC", title="(a) privacy–utility (labels: level)")
+    ax_p.set(xlabel="privacy level", ylabel="worst-case P@1", title="(b) re-identification vs level")
+    ax_att.set(xlabel="privacy level", ylabel="P@1", title=f"(c) {shown}: each attacker")
+    ax_v.set(xlabel="privacy level", ylabel="worst-case verification AUC", title="(d) verification vs level")
+    ax_u.set(xlabel="privacy level", ylabel="macro AUC", title="(e) utility vs level")
+    ax_q.set(xlabel="privacy level", ylabel="SSIM to original", title="(f) image similarity vs level")
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -140,7 +140,9 @@ def evaluate_global(cfg: Any, fed: dict[str, Any], out: Path, site: int = 0, ada
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.eval.baselines = tuple(b for b in cfg.eval.baselines if b != "no_decoupler")
     evaluator = _Evaluator(ImageSet.concat(sites), test, eval_cfg, progress=progress)
-    results = evaluator.run(methods_for(deid, eval_cfg), eval_cfg.eval.levels)
+    methods = methods_for(deid, eval_cfg)
+    results = evaluator.run(methods, eval_cfg.eval.levels)
+    evaluator.write_grid({"fedeid": methods["fedeid"]}, out / "grid.png")
     results["acceptance"] = acceptance(results)
     results["config"] = cfg.to_dict()
     results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
