@@ -101,3 +101,18 @@ def compose_native(native: np.ndarray, small_in: np.ndarray, small_out: np.ndarr
     detail = gaussian_blur(t(native), sigma * scale) - resize(gaussian_blur(t(small_in), sigma), shape)
     visible = 1 - resize(feather(t(small_mask), feather_sigma), shape)
     return (t(synth) + visible * detail)[0, 0].clamp(0, 1).numpy(), mask_native
+
+
+def harmonise(synth: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Shift a synthesis [B, 1, H, W] so its large-scale intensity meets ``reference`` where visible.
+
+    The offset is the normalised convolution (Gaussian, ``sigma`` px) of reference minus synthesis
+    over the visible pixels (``mask`` 0), so inside a blocked region it interpolates the offsets
+    found around it: a patch rendered a little too dark or bright no longer shows a seam at its
+    border. It brings nothing of the blocked pixels into the output: it only uses pixels that
+    are visible anyway. Where no visible pixel is within reach (level 1) the synthesis is unchanged.
+    """
+    visible = 1 - mask
+    weight = gaussian_blur(visible, sigma)
+    offset = gaussian_blur((reference - synth) * visible, sigma) / weight.clamp(min=1e-6)
+    return synth + offset * (weight / (weight + 0.01))

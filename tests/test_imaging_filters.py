@@ -36,3 +36,15 @@ def test_native_composition_keeps_the_synthesis_and_lowpasses_visible_detail():
     assert out.shape == native.shape and mask[:48].all() and not mask[48:].any()
     assert np.abs(out[:40] - 0.5).max() < 1e-5  # blocked: the synthesis only
     assert out[60:].std() < 0.5 * native[60:].std()  # visible: no native fine texture survives
+
+
+def test_harmonise_removes_an_intensity_step_at_the_block_border():
+    from fedeid.imaging import harmonise
+
+    reference = torch.full((1, 1, 32, 32), 0.6)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    synth = torch.full((1, 1, 32, 32), 0.3)  # a synthesis rendered far too dark
+    fixed = harmonise(synth, reference, mask, 8.0)
+    assert torch.allclose(fixed[mask > 0], torch.tensor(0.6), atol=0.02)
+    assert torch.equal(harmonise(synth, reference, torch.ones_like(mask), 8.0), synth)  # level 1: nothing visible
