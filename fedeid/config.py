@@ -42,7 +42,7 @@ class ModelConfig:
     patch_size: int = 16  # blocking granularity, in pixels at image_size
     reid_dim: int = 64  # ReID embedding size
     reid_size: int = 64  # ReID networks see images resized to this (cheap, keeps anatomy)
-    visible_sigma: float = 3.0  # low-pass sigma of visible regions at level 1 (px at image_size; x level)
+    visible_sigma: float = 6.0  # visible low-pass sigma at level 1, px at image_size, x level (3: worst P@1 0.73 at 0.4, 6: 0.58, same AUC)
     feather: float = 2.0  # blend width at the block border (px at image_size)
     matchability_weight: float = 1.0  # cohort patch matchability beside ReID saliency when ranking patches
 
@@ -200,7 +200,7 @@ def preset(name: str) -> Config:
         cfg.data.test_patients = 6
         cfg.model.patch_size = 8
         cfg.model.reid_size = 32
-        cfg.model.visible_sigma = 1.5
+        cfg.model.visible_sigma = 3.0
         cfg.model.feather = 1.0
         cfg.model.decoder_width = 8
         cfg.model.medical_channels = 8

@@ -103,16 +103,12 @@ def compose_native(native: np.ndarray, small_in: np.ndarray, small_out: np.ndarr
     return (t(synth) + visible * detail)[0, 0].clamp(0, 1).numpy(), mask_native
 
 
-def harmonise(synth: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Shift a synthesis [B, 1, H, W] so its large-scale intensity meets ``reference`` where visible.
+def normalised_blur(x: torch.Tensor, weight: torch.Tensor, sigma: float | torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised convolution: the Gaussian average of ``x`` over the pixels where ``weight`` is 1.
 
-    The offset is the normalised convolution (Gaussian, ``sigma`` px) of reference minus synthesis
-    over the visible pixels (``mask`` 0), so inside a blocked region it interpolates the offsets
-    found around it: a patch rendered a little too dark or bright no longer shows a seam at its
-    border. It brings nothing of the blocked pixels into the output: it only uses pixels that
-    are visible anyway. Where no visible pixel is within reach (level 1) the synthesis is unchanged.
+    Returns (average, blurred weight); where the blurred weight is 0 the average is 0. The
+    de-identifier low-passes visible regions this way, so no blocked pixel bleeds into them.
     """
-    visible = 1 - mask
-    weight = gaussian_blur(visible, sigma)
-    offset = gaussian_blur((reference - synth) * visible, sigma) / weight.clamp(min=1e-6)
-    return synth + offset * (weight / (weight + 0.01))
+    w = gaussian_blur(weight, sigma)
+    return gaussian_blur(x * weight, sigma) / w.clamp(min=1e-6), w

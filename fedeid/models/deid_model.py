@@ -6,9 +6,7 @@ the level) keeps the macro anatomy a reader needs, while the fine texture above 
 bone detail that keypoint and patch matchers identify a patient by — is replaced by the decoder's
 own high frequencies plus noise of the same energy. The medical code is sampled and the noise is
 drawn per release, so two releases of one image differ (a model holder cannot link them by
-re-running the model). The synthesis is shifted to the visible surroundings' large-scale
-intensity (:func:`~fedeid.imaging.harmonise`), and blocked and re-rendered regions are blended
-over a feathered mask: no seam at the block border.
+re-running the model). Blocked and re-rendered regions are blended over a feathered mask.
 
 Only ``decoupler`` and ``decoder`` are trained and travel between a site and the server
 (:func:`shared_state`); the encoder is frozen and identical everywhere, and the ReID network
@@ -22,7 +20,7 @@ from torch import nn
 
 from fedeid.config import FINDINGS, Config
 from fedeid.models.decoder import CompensationDecoder
-from fedeid.imaging import feather, gaussian_blur, harmonise
+from fedeid.imaging import feather, gaussian_blur, normalised_blur
 from fedeid.models.decoupler import Codes, MDLDecoupler, randn_like
 from fedeid.models.encoder import build_encoder
 
@@ -40,7 +38,6 @@ class DeIdModel(nn.Module):
         self.decoder = CompensationDecoder(m.medical_channels, m.decoder_width, self.encoder.stride)
         self.sigma_at_full = m.visible_sigma
         self.feather_sigma = m.feather
-        self.harmonise_sigma = float(m.patch_size)  # offsets interpolated over about a patch
 
     def train(self, mode: bool = True) -> DeIdModel:
         super().train(mode)
@@ -70,19 +67,20 @@ class DeIdModel(nn.Module):
             feats = self.encode(x)
         sigma = self.visible_sigma(level).to(x.device)
         codes = self.decoupler(feats, sample=sample, generator=generator)
-        low = gaussian_blur(x, sigma)
-        gen = self.decoder(low * (1 - mask), mask, codes.medical)
+        # the visible pixels' own low-pass: no blocked pixel bleeds into it across the border
+        low = normalised_blur(x, 1 - mask, sigma)[0] * (1 - mask)
+        gen = self.decoder(low, mask, codes.medical)
         gen_high = gen - gaussian_blur(gen, sigma)
         # Noise fills the part of the original's high band that the decoder does not render
         # (one amplitude per image: the texture's energy, not its pattern).
         noise = randn_like(x, generator)
         noise_high = noise - gaussian_blur(noise, sigma)
-        missing = ((x - low).flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
+        x_high = x - gaussian_blur(x, sigma)
+        missing = (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
         scale = missing.sqrt() / (noise_high.flatten(1).std(1) + 1e-8)
         texture = noise_high * scale.view(-1, 1, 1, 1)
         soft = feather(mask, self.feather_sigma)
-        fill = harmonise(gen, low, mask, self.harmonise_sigma)
-        out = soft * fill + (1 - soft) * (low + gen_high) + texture
+        out = soft * gen + (1 - soft) * (low + gen_high) + texture
         return out, gen, codes
 
 
