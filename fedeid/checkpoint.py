@@ -23,7 +23,9 @@ from fedeid.config import Config
 from fedeid.io import InputError, atomic_save
 
 FORMAT = "fedeid-checkpoint"
-FORMAT_VERSION = 1
+# 2: full-resolution resize-convolution decoder, visible re-rendering, site ReID state carries the
+# cohort's patch matchability. A format-1 file cannot be converted: its decoder has another shape.
+FORMAT_VERSION = 2
 DEFAULT_MODALITIES = ("CR", "DX")  # the synthetic benchmark and ChestX-ray14 are chest radiographs
 
 
@@ -75,9 +77,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {first})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not a fedeid checkpoint")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise InputError(path, f"checkpoint format {payload.get('format_version')} is not supported "
-                               f"(this fedeid reads {FORMAT_VERSION})")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = (": it predates the re-rendering decoder and the matchability-aware blocking; retrain it "
+                "with this fedeid" if isinstance(version, int) and version < FORMAT_VERSION else "")
+        raise InputError(path, f"checkpoint format {version} is not supported "
+                               f"(this fedeid reads {FORMAT_VERSION}){hint}")
     try:
         payload["config_obj"] = Config.from_dict(payload["config"])
     except (KeyError, ValueError) as exc:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
-from fedeid.deid.blocking import block_mask, patch_scores
+from fedeid.deid.blocking import block_mask, cohort_matchability, identity_relevance, patch_grid
 from fedeid.models.backbone import ConvNet
 from fedeid.models.decoupler import cross_correlation, rate_nats
 from fedeid.models.deid_model import DeIdModel
@@ -111,12 +111,17 @@ def train_reid(data: ImageSet, cfg: Config, *, epochs: int | None = None, init: 
     """Metric learning on patient identity (CosFace over the patients of ``data``).
 
     With ``findings`` (a site's network) a finding head is trained jointly on the same features,
-    for the medical-task preservation loss; attackers pass ``findings=False``.
+    for the medical-task preservation loss, and the cohort's patch matchability is stored in the
+    network for blocking; attackers pass ``findings=False``.
     """
     device = device or resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     n_findings = len(data.finding_names) if findings else 0
-    net = (init or ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, n_findings)).to(device).train()
+    patches = patch_grid(cfg.data.image_size, cfg.model.patch_size) ** 2 if findings else 0
+    net = (init or ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, n_findings, patches)).to(device).train()
+    if net.matchability is not None:
+        net.matchability.copy_(cohort_matchability(as_tensor(data.images), data.patient_ids,
+                                                   cfg.model.patch_size, seed=cfg.train.seed))
     targets = patient_index(data.patient_ids)
     head = CosFaceLoss(net.dim, int(targets.max()) + 1).to(device)
 
@@ -163,8 +168,9 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device:
 
 
 def identity_scores(reid: ReIDNet, x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
-    """Per-patch identity relevance [N, P] from the ReID network's Grad-CAM saliency."""
-    return batched(lambda b: patch_scores(reid.saliency(b), cfg.data.image_size, cfg.model.patch_size),
+    """Per-patch identity relevance [N, P]: Grad-CAM saliency with the cohort's matchability."""
+    m = cfg.model
+    return batched(lambda b: identity_relevance(reid, b, cfg.data.image_size, m.patch_size, m.matchability_weight),
                    x, device)
 
 
@@ -214,7 +220,7 @@ def train_deid(model: DeIdModel, reid: ReIDNet, data: ImageSet, cfg: Config, epo
         x, f, e, sc, y = (v.to(device) for v in batch)
         level = torch.empty(len(x), device=device).uniform_(t.level_min, t.level_max)
         mask = block_mask(sc, level, s, ps)
-        out, gen, codes = model(x, mask, feats=f, sample=True)
+        out, gen, codes = model(x, mask, level, feats=f, sample=True)
         terms = deid_losses(model, reid, x, mask, out, gen, codes, e, y)
         loss = sum(w[k] * terms[k] for k in w).mean()
         if anchor:

@@ -1,5 +1,6 @@
 """Identity blocking: the blocked fraction is the level, and the most salient patches go first."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,36 @@ def test_bad_levels_and_patch_sizes_are_refused():
         block_mask(torch.rand(1, 16), 1.5, 16, 4)
     with pytest.raises(ValueError, match="divide"):
         patch_grid(64, 7)
+
+
+def test_matchability_finds_the_patch_that_identifies_patients():
+    """Patients differ only in patch 0's texture, elsewhere every image is independent noise:
+    patch 0 must score highest, and far above the rest."""
+    from fedeid.deid.blocking import cohort_matchability
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(6), 3)
+    images = rng.random((18, 1, 32, 32)).astype(np.float32)
+    fingerprints = rng.random((6, 8, 8)).astype(np.float32)
+    images[:, 0, :8, :8] = fingerprints[ids] + 0.05 * rng.standard_normal((18, 8, 8)).astype(np.float32)
+    m = cohort_matchability(torch.from_numpy(images), ids, 8, shift=2, others=5)
+    assert m.shape == (16,) and int(m.argmax()) == 0
+    assert m[0] > 0.5 and m[1:].abs().max() < 0.3
+
+
+def test_matchability_without_repeat_patients_is_zero():
+    from fedeid.deid.blocking import cohort_matchability
+
+    m = cohort_matchability(torch.rand(4, 1, 16, 16), np.arange(4), 8)
+    assert torch.equal(m, torch.zeros(4))
+
+
+def test_relevance_ranks_saliency_and_matchability_together():
+    from fedeid.deid.blocking import combine_relevance
+
+    saliency = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.equal(combine_relevance(saliency, None, 1.0).argmax(1), torch.tensor([0]))
+    matchable = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    both = combine_relevance(saliency, matchable, 2.0)
+    assert int(both.argmax()) == 3  # the matcher's patch goes first at this weight
+    assert torch.equal(combine_relevance(saliency, matchable, 0.0), combine_relevance(saliency, None, 1.0))

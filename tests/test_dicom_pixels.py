@@ -31,6 +31,14 @@ class FakeModel:
             mask[:, :, : self.image_size // 2] = True
         return np.where(mask, np.float32(self.fill), images).astype(np.float32), mask
 
+    def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
+                       level: float) -> tuple[np.ndarray, np.ndarray]:
+        """Blocked pixels from the upsampled synthesis, the rest native (pixel-path bookkeeping)."""
+        from fedeid.imaging import upsample_result
+
+        y_up, m_up = upsample_result(out, mask, native.shape)
+        return np.where(m_up, y_up, native), m_up
+
 
 def _image(arr: np.ndarray, photometric: str = "MONOCHROME2", signed: bool = False, bits: int = 12,
            modality: str = "CR", **attrs) -> Dataset:
@@ -175,5 +183,4 @@ def test_real_deidentifier_runs_on_a_native_image() -> None:
     out = ds.pixel_array
     assert out.shape == before.shape and out.dtype == before.dtype
     assert 0.3 < result.blocked_fraction < 0.9
-    changed = out != before
-    assert changed.any() and not changed.all()
+    assert (out != before).mean() > 0.9  # visible pixels are re-rendered too, none copied

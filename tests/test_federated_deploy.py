@@ -189,13 +189,22 @@ def test_perimeter_deployment(procs, tmp_path):
     assert all(s.running() for s in sites)  # a refused app does not take the site down
 
     # the global model of the pinned app de-identifies images with a site's own ReID
+    from fedeid.checkpoint import load_checkpoint
     from fedeid.data.synthetic import generate_test
     from fedeid.deid.pipeline import DeIdentifier
 
+    ckpt = load_checkpoint(server_dir / "global.pt")
+    assert ckpt["reid_state"] is None
+    assert all(k.startswith(("decoupler.", "decoder.")) for k in ckpt["shared_state"])
     deid = DeIdentifier.load(server_dir / "global.pt", reid=dep / "site-1" / "state" / "reid.pt", device="cpu")
-    images = generate_test(cfg.data).images[:2]
-    img, mask = deid.deidentify(images, 0.5)
-    assert np.isfinite(img).all() and 0.3 < mask.mean() < 0.7
+    images = generate_test(cfg.data).images[:4]
+    out, mask = deid.deidentify(images, 0.5)
+    assert out.shape == images.shape and np.isfinite(out).all()
+    assert 0.3 < mask.mean() < 0.7
+    assert not np.allclose(out[mask], images[mask])
+    assert (out[~mask] != images[~mask]).mean() > 0.99  # visible regions are re-rendered, never copied
+    same, _ = deid.deidentify(images, 0.0)
+    assert np.array_equal(same, images)
 
 
 def test_refused_supernodes_exit_nonzero(procs, tmp_path):

@@ -17,7 +17,7 @@ def test_cuda_matches_cpu(tmp_path):
     cpu.save(path)
     gpu = DeIdentifier.load(path, device="cuda")
     images = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
-    a, ma = cpu.deidentify(images, 0.5)
-    b, mb = gpu.deidentify(images, 0.5)
+    a, ma = cpu.deidentify(images, 0.5, seed=0)  # one release seed: the same noise on both devices
+    b, mb = gpu.deidentify(images, 0.5, seed=0)
     assert np.array_equal(ma, mb)
     assert np.abs(a - b).max() < 1e-3

@@ -36,10 +36,12 @@ def test_gallery_and_queries_split_every_patient(bench):
 
 def test_report_has_every_figure_for_every_method_and_level(bench, tmp_path):
     cfg, train, test = bench
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.baselines = ("blur", "block")  # one pixel and one model baseline: the suite costs per method
     d = DeIdentifier.build(cfg)
     results = evaluate_and_report(d, train, test, cfg, tmp_path, progress=False)
     methods = results["methods"]
-    assert set(methods) == {"fedeid", "block", "blur", "pixelate", "dppix"}
+    assert set(methods) == {"fedeid", "block", "blur"}
     assert results["attackers"] == list(ATTACKERS)
     for m in methods.values():
         assert m["levels"] == list(cfg.eval.levels)
@@ -69,7 +71,7 @@ def test_report_has_every_figure_for_every_method_and_level(bench, tmp_path):
     # 100 % zoom: 3 patients x fedeid, original + 3 levels, each tile at the image's own size
     assert grid.mode == "L" and grid.height > 3 * cfg.data.image_size and grid.width > 4 * cfg.data.image_size
     acc = results["acceptance"]
-    assert set(acc["dominates"]) == {"block", "blur", "pixelate", "dppix"}
+    assert set(acc["dominates"]) == {"block", "blur"}
     assert set(acc["dominates_by_attacker"]) == set(ATTACKERS)
     table = summary_table(results)
     assert "| fedeid | 0.0 |" in table and "| worst P@1 | by |" in table

@@ -1,13 +1,19 @@
-"""The de-identifier: identity saliency -> patch blocking -> medical-semantics compensation.
+"""The de-identifier: identity relevance -> patch blocking -> medical-semantics compensation.
 
 :class:`DeIdentifier` is what every consumer uses (CLI, DICOM path, evaluation, federated
 clients): it holds the frozen encoder, the trained decoupler + decoder, and the ReID network of
 the site that runs it, and turns images at the model's size into de-identified images at a
 privacy level.
+
+Every release is random: the medical code is sampled and the re-texturing noise drawn from a
+seed taken from ``os.urandom`` unless the caller passes one (tests, reproducible examples). A
+fixed seed makes two releases of the same image linkable by anyone holding the model; never fix
+it for data that leaves the site.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +22,8 @@ import torch
 
 from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoint
 from fedeid.config import Config
-from fedeid.deid.blocking import block_mask, patch_scores
-from fedeid.imaging import resize_array, upsample_result
+from fedeid.deid.blocking import block_mask, identity_relevance, patch_grid
+from fedeid.imaging import compose_native, resize_array
 from fedeid.io import InputError
 from fedeid.models.deid_model import DeIdModel, cfg_findings, load_shared_state, shared_state
 from fedeid.models.reid import ReIDNet
@@ -26,7 +32,8 @@ from fedeid.train import as_tensor, resolve_device
 
 def build_site_reid(cfg: Config) -> ReIDNet:
     """An (untrained) site network of the configured shape: ReID embedding plus finding head."""
-    return ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, len(cfg_findings(cfg)))
+    patches = patch_grid(cfg.data.image_size, cfg.model.patch_size) ** 2
+    return ReIDNet(cfg.model.reid_size, cfg.model.reid_dim, len(cfg_findings(cfg)), patches)
 
 
 def reid_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> ReIDNet:
@@ -86,37 +93,50 @@ class DeIdentifier:
         if not 0.0 <= level <= 1.0:
             raise ValueError(f"level must lie in [0, 1], got {level}")
 
+    @staticmethod
+    def release_generator(seed: int | None) -> torch.Generator:
+        """The random source of one release: ``seed``, or 64 bits from the operating system."""
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        return torch.Generator().manual_seed(seed)
+
     @torch.no_grad()
-    def deidentify_tensor(self, x: torch.Tensor, level: float,
-                          compensate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, 1, S, S] in [0, 1] on any device -> (de-identified, mask) on this device.
+    def deidentify_tensor(self, x: torch.Tensor, level: float, compensate: bool = True,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1, S, S] in [0, 1] on any device -> (de-identified, blocked mask) on this device.
 
         ``compensate=False`` is the "blocking without compensation" baseline: blocked patches
-        get the image's mean intensity instead of synthesised content.
+        get the image's mean intensity instead of synthesised content, visible ones stay as they are.
         """
         self._check_level(level)
         x = x.to(self.device)
-        scores = patch_scores(self.reid.saliency(x), self.image_size, self.cfg.model.patch_size)
-        mask = block_mask(scores, level, self.image_size, self.cfg.model.patch_size)
-        if not bool(mask.any()):
+        m = self.cfg.model
+        scores = identity_relevance(self.reid, x, self.image_size, m.patch_size, m.matchability_weight)
+        mask = block_mask(scores, level, self.image_size, m.patch_size)
+        if level == 0:
             return x.clone(), mask
         if compensate:
-            out, _, _ = self.model(x, mask)
+            out, _, _ = self.model(x, mask, level, sample=True, generator=generator or self.release_generator(None))
         else:
             out = mask * x.mean(dim=(1, 2, 3), keepdim=True) + (1 - mask) * x
         return out.clamp(0, 1), mask
 
-    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16,
-                   compensate: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """images float32 [N, S, S] in [0, 1] -> (de-identified float32 [N, S, S], blocked mask bool)."""
+    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16, compensate: bool = True,
+                   seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """images float32 [N, S, S] in [0, 1] -> (de-identified float32 [N, S, S], blocked mask bool).
+
+        Outside the mask nothing is copied either (above level 0): the mask says what was
+        synthesised, the rest was re-rendered from its low-pass.
+        """
         images = np.asarray(images)
         if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
             raise ValueError(f"expected images [N, {self.image_size}, {self.image_size}], got {images.shape}")
         self._check_level(level)
+        generator = self.release_generator(seed)
         outs, masks = [], []
         x_all = as_tensor(images)
         for i in range(0, len(x_all), batch_size):
-            out, mask = self.deidentify_tensor(x_all[i:i + batch_size], level, compensate)
+            out, mask = self.deidentify_tensor(x_all[i:i + batch_size], level, compensate, generator)
             outs.append(out.cpu())
             masks.append(mask.cpu())
         if not outs:
@@ -124,17 +144,26 @@ class DeIdentifier:
         return (torch.cat(outs)[:, 0].numpy().astype(np.float32),
                 torch.cat(masks)[:, 0].numpy() > 0.5)
 
-    def deidentify_native(self, image: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-        """One image [H, W] in [0, 1] at its own resolution -> (de-identified [H, W], mask [H, W]).
-
-        The network runs at its own size; the result is composed at native resolution: blocked
-        pixels come from the upsampled synthesis, visible pixels stay the native ones, so nothing
-        outside the blocked patches loses resolution (and level 0 returns the input exactly).
-        """
+    def deidentify_native(self, image: np.ndarray, level: float,
+                          seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One image [H, W] in [0, 1] at its own resolution -> (de-identified [H, W], blocked mask [H, W])."""
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"expected one grey image [H, W], got shape {image.shape}")
         small = resize_array(image, self.image_size)
-        out, mask = self.deidentify(small[None], level)
-        synth, mask_native = upsample_result(out[0], mask[0], image.shape)
-        return np.where(mask_native, synth, image).astype(np.float32), mask_native
+        out, mask = self.deidentify(small[None], level, seed=seed)
+        return self.compose_native(image, small, out[0], mask[0], level)
+
+    def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
+                       level: float) -> tuple[np.ndarray, np.ndarray]:
+        """A result at the model's size (``small`` in, ``out`` and ``mask`` from :meth:`deidentify`)
+        -> the release at ``native``'s resolution, and the blocked mask there.
+
+        The synthesis is upsampled and, outside the blocked patches, the native image low-passed
+        at the level's strength (scaled to native pixels) supplies the detail the network's size
+        cannot hold; no native pixel is copied above level 0. Level 0 returns the input exactly.
+        """
+        if level == 0:
+            return np.asarray(native, dtype=np.float32).copy(), np.zeros(native.shape, dtype=bool)
+        sigma = float(self.model.visible_sigma(level)[0])
+        return compose_native(native, small, out, mask, sigma, self.cfg.model.feather)

@@ -12,11 +12,13 @@ Normalisation (what the model sees), per frame:
 4. MONOCHROME1 is inverted, so bright always means dense, as in training;
 5. resize to the model's S×S (area averaging when shrinking, bilinear when enlarging).
 
-The model returns the de-identified S×S image and the mask of blocked (synthesised) pixels. Back at
-native resolution, pixels outside the upsampled mask keep their exact stored values; inside it the
-upsampled synthesis goes back through the inverse of steps 4, 3 and 2, is rounded and clipped to
-the range Bits Stored and Pixel Representation allow, and takes the original dtype. At level 0
-nothing is blocked, so the stored values are exactly the decoded input. The result is written
+The model returns the de-identified S×S image and the mask of blocked (synthesised) pixels, and
+composes them with the frame at native resolution (``compose_native``: fedeid's model re-renders
+every pixel above level 0, visible ones from a low-pass, so none is copied). Every pixel the model
+changed goes back through the inverse of steps 4, 3 and 2, is rounded and clipped to the range
+Bits Stored and Pixel Representation allow, and takes the original dtype; a pixel it did not change
+keeps its exact stored value. At level 0 nothing changes, so the stored values are exactly the
+decoded input. The result is written
 uncompressed (Explicit VR Little Endian) with the original Photometric Interpretation, Bits
 Allocated/Stored and signedness.
 """
@@ -49,6 +51,9 @@ class PixelModel(Protocol):
     modalities: tuple[str, ...]
 
     def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
+                       level: float) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -169,24 +174,26 @@ def deidentify_pixels(ds: Dataset, model: PixelModel, level: float, batch_size: 
 
     # torch is imported here, not at module level: header-only runs (and their worker processes)
     # never touch pixels and start faster without it.
-    from fedeid.imaging import resize_array, upsample_result
+    from fedeid.imaging import resize_array
 
     small = resize_array(unit, int(model.image_size))
-    synth, mask = model.deidentify(np.clip(small, 0.0, 1.0).astype(np.float32), level, batch_size=batch_size)
+    small = np.clip(small, 0.0, 1.0).astype(np.float32)
+    synth, mask = model.deidentify(small, level, batch_size=batch_size)
 
     lo_v, hi_v = stored_range(ds)
     out = frames.copy()
     blocked = 0
     for k in range(len(frames)):
-        if not mask[k].any():
+        y_up, m_up = model.compose_native(unit[k], small[k], synth[k], mask[k], level)
+        changed = y_up != unit[k]
+        if not changed.any():
             continue
-        y_up, m_up = upsample_result(synth[k], mask[k], (rows, cols))
         y_up = y_up.astype(np.float64)
         if invert:
             y_up = 1.0 - y_up
         lo, hi = windows[k]
         native = np.clip(np.rint(luts[k].inverse(lo + y_up * (hi - lo))), lo_v, hi_v)
-        out[k][m_up] = native[m_up].astype(frames.dtype)
+        out[k][changed] = native[changed].astype(frames.dtype)
         blocked += int(m_up.sum())
 
     _write_native(ds, out if n_frames > 1 else out[0])

@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def randn_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``t``; drawn on the CPU from ``generator`` when given, so
+    a release seed gives the same noise on every device (a GPU generator draws other numbers)."""
+    if generator is None:
+        return torch.randn_like(t)
+    return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+
+
 class _GradReverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -55,13 +63,16 @@ class MDLDecoupler(nn.Module):
         self.adversary = nn.Sequential(nn.Linear(medical_channels, hidden), nn.ReLU(inplace=True),
                                        nn.Linear(hidden, reid_dim))
 
-    def forward(self, feats: torch.Tensor, sample: bool = False) -> Codes:
+    def forward(self, feats: torch.Tensor, sample: bool = False,
+                generator: torch.Generator | None = None) -> Codes:
+        """``sample`` draws the medical code from q(z|x) (training, and every release: two
+        releases of one image then differ); otherwise the code is the mean."""
         h = self.trunk(feats)
         mu = self.mu(h)
         logvar = self.logvar(h).clamp(-8.0, 8.0)
         medical = mu
         if sample and self.variational:
-            medical = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            medical = mu + randn_like(mu, generator) * torch.exp(0.5 * logvar)
         return Codes(medical=medical, mu=mu, logvar=logvar, identity=self.identity(h))
 
     def medical_mean(self, feats: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,13 @@
 """The de-identification network of method A: frozen MFM -> MDL decoupler -> compensation decoder.
 
+No pixel of the input reaches the output verbatim once the level is above 0. Blocked patches are
+synthesised; visible regions are re-rendered: their low-pass (a Gaussian whose sigma grows with
+the level) keeps the macro anatomy a reader needs, while the fine texture above it — vessel and
+bone detail that keypoint and patch matchers identify a patient by — is replaced by the decoder's
+own high frequencies plus noise of the same energy. The medical code is sampled and the noise is
+drawn per release, so two releases of one image differ (a model holder cannot link them by
+re-running the model). Blocked and re-rendered regions are blended over a feathered mask.
+
 Only ``decoupler`` and ``decoder`` are trained and travel between a site and the server
 (:func:`shared_state`); the encoder is frozen and identical everywhere, and the ReID network
 that chooses what to block stays at its site (it is passed in, never held here).
@@ -12,7 +20,8 @@ from torch import nn
 
 from fedeid.config import FINDINGS, Config
 from fedeid.models.decoder import CompensationDecoder
-from fedeid.models.decoupler import Codes, MDLDecoupler
+from fedeid.imaging import feather, gaussian_blur, normalised_blur
+from fedeid.models.decoupler import Codes, MDLDecoupler, randn_like
 from fedeid.models.encoder import build_encoder
 
 SHARED_PREFIXES = ("decoupler.", "decoder.")
@@ -27,6 +36,8 @@ class DeIdModel(nn.Module):
                                       n_findings=len(cfg_findings(cfg)), reid_dim=m.reid_dim,
                                       variational=m.decouple)
         self.decoder = CompensationDecoder(m.medical_channels, m.decoder_width, self.encoder.stride)
+        self.sigma_at_full = m.visible_sigma
+        self.feather_sigma = m.feather
 
     def train(self, mode: bool = True) -> DeIdModel:
         super().train(mode)
@@ -40,17 +51,37 @@ class DeIdModel(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor | None = None,
-                sample: bool = False) -> tuple[torch.Tensor, torch.Tensor, Codes]:
-        """Block ``x`` where ``mask`` is 1 and refill it: (composited output, raw decoder output, codes).
+    def visible_sigma(self, level: float | torch.Tensor) -> torch.Tensor:
+        """Low-pass sigma (pixels at the model's size) of the visible regions at ``level``."""
+        return torch.as_tensor(level, dtype=torch.float32).reshape(-1) * self.sigma_at_full
 
-        Visible pixels are copied from the input, so at level 0 the output equals the input.
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, level: float | torch.Tensor,
+                feats: torch.Tensor | None = None, sample: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, Codes]:
+        """Block ``x`` where ``mask`` is 1, re-render the rest: (output, raw decoder output, codes).
+
+        ``level`` (a float or one per image) sets the visible low-pass; at level 0 (empty mask,
+        sigma 0) the output equals the input exactly.
         """
         if feats is None:
             feats = self.encode(x)
-        codes = self.decoupler(feats, sample=sample)
-        gen = self.decoder(x * (1 - mask), mask, codes.medical)
-        return mask * gen + (1 - mask) * x, gen, codes
+        sigma = self.visible_sigma(level).to(x.device)
+        codes = self.decoupler(feats, sample=sample, generator=generator)
+        # the visible pixels' own low-pass: no blocked pixel bleeds into it across the border
+        low = normalised_blur(x, 1 - mask, sigma)[0] * (1 - mask)
+        gen = self.decoder(low, mask, codes.medical)
+        gen_high = gen - gaussian_blur(gen, sigma)
+        # Noise fills the part of the original's high band that the decoder does not render
+        # (one amplitude per image: the texture's energy, not its pattern).
+        noise = randn_like(x, generator)
+        noise_high = noise - gaussian_blur(noise, sigma)
+        x_high = x - gaussian_blur(x, sigma)
+        missing = (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
+        scale = missing.sqrt() / (noise_high.flatten(1).std(1) + 1e-8)
+        texture = noise_high * scale.view(-1, 1, 1, 1)
+        soft = feather(mask, self.feather_sigma)
+        out = soft * gen + (1 - soft) * (low + gen_high) + texture
+        return out, gen, codes
 
 
 def build_deid_model(cfg: Config) -> DeIdModel:

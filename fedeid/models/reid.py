@@ -24,10 +24,14 @@ class ReIDNet(ConvNet):
     images and never leaves the site. Attackers are built without it.
     """
 
-    def __init__(self, input_size: int = 64, dim: int = 64, n_findings: int = 0) -> None:
+    def __init__(self, input_size: int = 64, dim: int = 64, n_findings: int = 0, patches: int = 0) -> None:
         super().__init__(input_size, dim)
         self.dim = dim
         self.finding_head = nn.Linear(self.head.in_features, n_findings) if n_findings else None
+        # A site's network also carries its cohort's patch matchability (one value per blocking
+        # patch, set by train_reid): it is saved and loaded with the network and stays at the site.
+        self.matchability: torch.Tensor | None
+        self.register_buffer("matchability", torch.zeros(patches) if patches else None)
 
     def embed_with_findings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Identity embedding [B, dim] and finding logits [B, F] (None without a finding head).
