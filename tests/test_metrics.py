@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fedeid.eval.metrics import (macro_auc, per_finding_auc, psnr, psnr_per_image, reid_metrics, similarity_metrics, ssim,
+from fedeid.eval.metrics import (cosine_similarity, macro_auc, per_finding_auc, psnr, psnr_per_image, reid_metrics, similarity_metrics, ssim,
                                  ssim_per_image)
 from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
 
@@ -157,13 +157,14 @@ def test_psnr_known_values() -> None:
 
 def _results() -> dict:
     levels = [0.0, 0.5, 1.0]
-    method = {"levels": levels, "p_at_1": [0.9, 0.3, 0.05], "adaptive_p_at_1": [0.9, 0.4, None],
+    method = {"levels": levels, "worst_p_at_1": [1.0, 0.4, 0.05], "worst_verification_auc": [1.0, 0.8, None],
               "utility_auc": [0.85, 0.8, 0.7], "utility_auc_retrained": [0.85, 0.82, 0.75],
-              "ssim": [1.0, 0.8, 0.5], "psnr": [math.inf, 25.0, 18.0]}
-    blur = {"levels": levels, "p_at_1": [0.9, 0.6, 0.2], "utility_auc": [0.85, 0.7, 0.55],
-            "ssim": [1.0, 0.6, 0.4], "psnr": [math.inf, 22.0, 16.0]}
+              "ssim": [1.0, 0.8, 0.5], "psnr": [None, 25.0, 18.0],
+              "attacks": {"learned": {"p_at_1": [0.9, 0.3, 0.05]}, "patch": {"p_at_1": [1.0, 0.4, 0.04]}}}
+    blur = {"levels": levels, "worst_p_at_1": [1.0, 0.6, 0.2], "utility_auc": [0.85, 0.7, 0.55],
+            "ssim": [1.0, 0.6, 0.4], "psnr": [None, 22.0, 16.0]}
     return {"methods": {"fedeid": method, "blur": blur},
-            "reference": {"p_at_1_original": 0.9, "utility_auc_original": 0.85, "chance_p_at_1": 0.04}}
+            "reference": {"worst_p_at_1_original": 1.0, "utility_auc_original": 0.85, "chance_p_at_1": 0.04}}
 
 
 def test_plot_writes_a_png(tmp_path) -> None:
@@ -176,6 +177,9 @@ def test_plot_writes_a_png(tmp_path) -> None:
     bad = _results()
     bad["methods"]["blur"]["ssim"] = [1.0]
     with pytest.raises(ValueError, match="blur"):
+        plot_privacy_utility(bad, tmp_path / "bad.png")
+    del bad["methods"]["blur"]["worst_p_at_1"]
+    with pytest.raises(ValueError, match="lacks"):
         plot_privacy_utility(bad, tmp_path / "bad.png")
 
 
@@ -235,3 +239,8 @@ def test_similarity_metrics_rejects_bad_matrices():
         similarity_metrics(np.zeros((3, 2)), ids, ids)
     with pytest.raises(ValueError, match="non-finite"):
         similarity_metrics(np.full((3, 3), np.nan), ids, ids)
+
+
+def test_cosine_similarity_known_values() -> None:
+    sims = cosine_similarity(np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[2.0, 0.0], [1.0, 1.0], [0.0, -3.0]]))
+    assert sims == pytest.approx(np.array([[1.0, 1 / math.sqrt(2), 0.0], [0.0, 0.0, 0.0]]))

@@ -15,7 +15,7 @@ from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.attackers import ATTACKERS
 from fedeid.eval.benchmark import evaluate_and_report, methods_for
 from fedeid.eval.calibration import calibrate, describe_level
-from fedeid.eval.report import acceptance, split_gallery, summary_table
+from fedeid.eval.report import Evaluator, acceptance, split_gallery, summary_table
 from fedeid.models.deid_model import cfg_findings
 
 
@@ -183,3 +183,26 @@ def test_deid_prints_what_the_level_bought(tmp_path, capsys):
     DeIdentifier.build(cfg).save(model, extra={"calibration": _table(worst_p_at_1=[1.0, 7.0, 0.0])})
     assert main(["deid", str(tmp_path / "x.npy"), str(tmp_path / "out2"), "--model", str(model), "--level", "0.5"]) == 0
     assert f"fedeid: {model}: calibration ignored: calibration figures out of range" in capsys.readouterr().err
+
+
+def test_level_zero_is_shared_only_by_methods_that_leave_the_images_unchanged(bench):
+    """A decoder that re-synthesises visible regions changes images at level 0: it gets its own row."""
+    _, _, test = bench
+
+    class Recording(Evaluator):
+        def __init__(self) -> None:  # no networks: this checks run()'s bookkeeping only
+            self.test, self.progress, self.queries, self.calls = test, False, np.arange(2), []
+
+        def score(self, method, level, adaptive=True):
+            self.calls.append(level)
+            figures = {"p_at_1": 1.0, "map_at_r": 1.0, "matcher": "patch"}
+            return {"worst_p_at_1": float(method(test.images, level).mean()), "worst_attacker": "patch",
+                    "chance_p_at_1": 0.1, "utility_auc": 0.8, "utility_auc_by_finding": {}, "attacks": {"patch": figures}}
+
+    ev = Recording()
+    results = ev.run({"a": lambda im, lv: im, "b": lambda im, lv: im * (1 - lv),
+                      "resynth": lambda im, lv: im * 0.5}, (0.0, 1.0))
+    assert ev.calls == [0.0, 1.0, 1.0, 0.0, 1.0]  # b reuses a's level 0, resynth does not
+    assert results["methods"]["resynth"]["worst_p_at_1"][0] == pytest.approx(0.5 * test.images.mean())
+    assert results["methods"]["b"]["attacks"]["patch"]["matcher"] == ["patch", "patch"]
+    assert results["reference"]["worst_p_at_1_original"] == pytest.approx(float(test.images.mean()))
