@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
@@ -28,6 +27,7 @@ from fedeid.models.backbone import ConvNet
 from fedeid.models.decoupler import cross_correlation, rate_nats
 from fedeid.models.deid_model import DeIdModel
 from fedeid.models.reid import CosFaceLoss, ReIDNet
+from fedeid.progress import Progress
 
 Batch = tuple[torch.Tensor, ...]
 PrivateHook = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[nn.Module, torch.optim.Optimizer, DataLoader]]
@@ -64,7 +64,7 @@ def optimise(params: Iterable[nn.Parameter], data: DataLoader, epochs: int, lr: 
     opt = optimizer or torch.optim.Adam(list(params), lr=lr)
     sums: dict[str, float] = {}
     count = 0
-    bar = tqdm(total=epochs * len(data), desc=desc, disable=not progress, leave=False)
+    bar = Progress(epochs * len(data), desc, "step", enabled=progress)
     for _ in range(epochs):
         sums, count = {}, 0
         for batch in data:

@@ -35,13 +35,13 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from tqdm.auto import tqdm
 
 from fedeid.config import FINDINGS, DataConfig
 from fedeid.data.imageset import ImageSet
 from fedeid.data.synthetic import generate
 from fedeid.imaging import resize_array
 from fedeid.io import InputError
+from fedeid.progress import Progress
 
 NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -182,13 +182,16 @@ def _load_rows(rows: list[_Row], image_size: int, names: tuple[str, ...], desc: 
                ) -> tuple[ImageSet, list[InputError]]:
     """Read and resize every row's image; a failing image becomes an error, not an exception."""
     images, kept, errors = [], [], []
-    for row in tqdm(rows, desc=desc, unit="img", disable=None, leave=False):
-        try:
-            images.append(resize_array(read_image(row.path), image_size))
-        except InputError as exc:
-            errors.append(exc)
-            continue
-        kept.append(row)
+    with Progress(len(rows), desc, "image") as bar:
+        for row in rows:
+            try:
+                images.append(resize_array(read_image(row.path), image_size))
+            except InputError as exc:
+                errors.append(exc)
+            else:
+                kept.append(row)
+            finally:
+                bar.update()
     return ImageSet(
         images=np.stack(images) if images else np.zeros((0, image_size, image_size), np.float32),
         patient_ids=np.array([r.patient for r in kept], dtype=np.int64),

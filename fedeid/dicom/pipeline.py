@@ -55,12 +55,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     MediaStorageDirectoryStorage,
 )
-from tqdm import tqdm
 
 from fedeid import __version__
 from fedeid.dicom.pixels import PixelModel, deidentify_pixels, refusal
 from fedeid.dicom.profile import HeaderProfile, ProfileOptions
 from fedeid.dicom.pseudonyms import Keyring
+from fedeid.progress import Progress
 
 MANIFEST_NAME = "fedeid-manifest.jsonl"
 WRITER_THREADS = 4
@@ -408,7 +408,7 @@ class DicomDeidentifier:
         jobs = [(p, p.relative_to(src_root), out_root) for p in files]
         todo = [job for job in jobs if self.input_key(job[1]) not in done]
         summary.resumed = len(jobs) - len(todo)
-        bar = tqdm(total=len(todo) + len(others), desc=f"dicom de-id ({self.mode})", unit="file", disable=not progress)
+        bar = Progress(len(todo) + len(others), f"dicom de-id ({self.mode})", "file", enabled=progress)
         try:
             journal.write({"kind": "run", **header})
             skipped = (FileRecord(self.input_key(rel), "", "skipped", why, path=rel.as_posix()) for rel, why in

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
@@ -44,6 +43,7 @@ from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
 from fedeid.io import atomic_write_json
 from fedeid.models.backbone import ConvNet
 from fedeid.models.deid_model import cfg_findings
+from fedeid.progress import Progress
 from fedeid.train import as_tensor, batched, resolve_device, train_classifier
 
 DOMINANCE_TOLERANCE = 0.01  # AUC: below the spread of macro AUC over ~100 test images
@@ -129,7 +129,7 @@ class Evaluator:
         """
         shared_zero: dict[str, Any] | None = None
         out: dict[str, dict[str, Any]] = {}
-        bar = tqdm(total=len(methods) * len(levels), desc="evaluate", disable=not self.progress)
+        bar = Progress(len(methods) * len(levels), "evaluate", "point", enabled=self.progress)
         for name, method in methods.items():
             rows = []
             for level in levels:
@@ -141,8 +141,7 @@ class Evaluator:
                     if unchanged:
                         shared_zero = copy.deepcopy(row)
                 rows.append(row)
-                bar.set_postfix(method=name, level=level)
-                bar.update()
+                bar.update(status=f"{name} at level {level:g}")
             out[name] = _by_level(levels, rows)
         bar.close()
         reference = shared_zero or self.score(lambda im, lv: im, 0.0)
