@@ -19,6 +19,7 @@ from fedeid.io import InputError
 COMMAND_MODULES = (
     "fedeid.data.commands",
     "fedeid.commands",
+    "fedeid.deid.commands",
     "fedeid.dicom.commands",
     "fedeid.federated.commands",
 )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fedeid.config import Config, preset
+from fedeid.config import METHODS, Config, preset
 from fedeid.io import InputError, atomic_save
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm"}
@@ -41,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or --set data.source=labels.csv), and save a DeIdentifier checkpoint.")
     add_config_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.pt)")
+    p.add_argument("--method", default="blocking", choices=METHODS,
+                   help="blocking: method A (default); replace: method B, identity replacement with "
+                        "synthetic identities (also makes counterfactuals)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("deid", help="de-identify a folder of images at a privacy level",
@@ -53,7 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=Path, help="output folder")
     p.add_argument("--model", required=True, type=Path, help="DeIdentifier checkpoint")
     p.add_argument("--reid", type=Path, help="this site's ReID checkpoint (for a global federated model)")
-    p.add_argument("--level", required=True, type=float, help="privacy level in [0, 1]: fraction of patches blocked")
+    p.add_argument("--level", required=True, type=float,
+                   help="privacy level in [0, 1]: fraction of patches blocked (method A), or how far the "
+                        "identity moves towards a synthetic one (method B)")
+    p.add_argument("--method", choices=METHODS,
+                   help="expect this method's checkpoint (default: whichever --model holds)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_deid)
 
@@ -76,6 +84,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     sites, _ = load_dataset(cfg.data)
+    if args.method == "replace":
+        from fedeid.deid.replace import train_replace_deidentifier
+
+        replace, summary = train_replace_deidentifier(ImageSet.concat(sites), cfg, progress=True)
+        replace.save(args.out)
+        prior = summary["identity_prior"]
+        print(f"saved {args.out} ({int(summary['training']['num_examples'])} images, "
+              f"{summary['training']['train_seconds']:.0f} s; identity margin {prior['margin']:.3f}, "
+              f"{100 * prior['rejection_rate']:.1f} % of synthetic identities rejected)")
+        return 0
     deidentifier, metrics = train_central(ImageSet.concat(sites), cfg, progress=True)
     deidentifier.save(args.out, extra={"training": metrics})
     print(f"saved {args.out} ({int(metrics['num_examples'])} images, {metrics['train_seconds']:.0f} s)")
@@ -109,26 +127,38 @@ def find_images(root: Path) -> list[Path]:
 
 
 def cmd_deid(args: argparse.Namespace) -> int:
-    from fedeid.data.loaders import read_image
     from fedeid.deid.pipeline import DeIdentifier
 
     deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
     if not 0.0 <= args.level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
-    files = find_images(args.input)
-    base = args.input if args.input.is_dir() else args.input.parent
+    method = getattr(deidentifier, "method", "blocking")
+    if args.method is not None and args.method != method:
+        raise InputError(args.model, f"is a {method!r} checkpoint, not {args.method!r}")
+    done, failed = transform_images(args.input, args.output, lambda image: deidentifier.deidentify_native(
+        image, args.level)[0], desc="de-identify")
+    print(f"de-identified {done} image(s) at level {args.level}; {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def transform_images(root: Path, output: Path, fn: Callable[[np.ndarray], np.ndarray],
+                     desc: str) -> tuple[int, int]:
+    """Read every image under ``root``, write ``fn(image)`` as a 16-bit PNG mirroring the tree under
+    ``output``; a bad file is reported and skipped. Returns (done, failed)."""
+    from fedeid.data.loaders import read_image
+
+    files = find_images(root)
+    base = root if root.is_dir() else root.parent
     done, failed = 0, 0
-    for path in tqdm(files, desc="de-identify", unit="img"):
+    for path in tqdm(files, desc=desc, unit="img"):
         try:
-            image = read_image(path)
-            out, _ = deidentifier.deidentify_native(image, args.level)
+            out = fn(read_image(path))
         except InputError as exc:
             print(f"fedeid: {exc}", file=sys.stderr)
             failed += 1
             continue
-        target = (args.output / path.relative_to(base)).with_suffix(".png")
+        target = (output / path.relative_to(base)).with_suffix(".png")
         pixels = np.round(out * 65535).astype(np.uint16)
         atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
         done += 1
-    print(f"de-identified {done} image(s) at level {args.level}; {failed} failed")
-    return 0 if failed == 0 else 1
+    return done, failed

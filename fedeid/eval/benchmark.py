@@ -14,11 +14,14 @@ from typing import Any
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
+from fedeid.deid.replace import replace_method, train_replace_deidentifier
+from fedeid.eval.counterfactual import counterfactual_figures
 from fedeid.eval.report import Evaluator, Method, acceptance, baseline_method, deid_method, summary_table, write_report
 from fedeid.models.deid_model import build_deid_model
 from fedeid.train import train_deid, train_reid
 
 IMAGE_BASELINES = ("blur", "pixelate", "dppix")
+TRAINED_SEPARATELY = ("no_decoupler", "replace")  # replace = method B (fedeid.deid.replace), opt-in
 
 
 def train_central(train: ImageSet, cfg: Config, progress: bool = True) -> tuple[DeIdentifier, dict[str, float]]:
@@ -37,18 +40,24 @@ def methods_for(deidentifier: DeIdentifier, cfg: Config) -> dict[str, Method]:
             methods["block"] = deid_method(deidentifier, compensate=False)
         elif name in IMAGE_BASELINES:
             methods[name] = baseline_method(name, cfg.data.seed)
-        elif name != "no_decoupler":  # trained separately, see run_central_benchmark
+        elif name not in TRAINED_SEPARATELY:  # see run_central_benchmark
             raise ValueError(f"unknown baseline {name!r}; known: block, no_decoupler, {', '.join(IMAGE_BASELINES)}")
     return methods
 
 
 def evaluate_and_report(deidentifier: DeIdentifier, train: ImageSet, test: ImageSet, cfg: Config,
                         out_dir: str | Path, extra_methods: dict[str, Method] | None = None,
-                        extra: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                        extra: dict[str, Any] | None = None, progress: bool = True,
+                        counterfactuals: Any | None = None) -> dict[str, Any]:
+    """``counterfactuals``: a method-B de-identifier whose counterfactuals are measured too."""
     t0 = time.perf_counter()
     evaluator = Evaluator(train, test, cfg, progress=progress)
     methods = methods_for(deidentifier, cfg) | (extra_methods or {})
     results = evaluator.run(methods, cfg.eval.levels)
+    if counterfactuals is not None:
+        results["counterfactuals"] = counterfactual_figures(counterfactuals, test, evaluator.classifier,
+                                                            evaluator.attacker, evaluator.gallery,
+                                                            evaluator.queries, evaluator.device)
     results["acceptance"] = acceptance(results)
     results["config"] = cfg.to_dict()
     results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
@@ -74,7 +83,15 @@ def run_central_benchmark(sites: list[ImageSet], test: ImageSet, cfg: Config, ou
         train_deid(ablation, deidentifier.reid, train, ablation_cfg, cfg.train.deid_epochs, progress=progress)
         extra_methods["no_decoupler"] = deid_method(DeIdentifier.from_models(ablation, deidentifier.reid, ablation_cfg))
         timing["ablation_train_seconds"] = time.perf_counter() - t0 - timing["train_seconds"]
+    replace, replace_summary = None, {}
+    if "replace" in cfg.eval.baselines:  # method B, on the same site ReID network
+        t1 = time.perf_counter()
+        replace, replace_summary = train_replace_deidentifier(train, cfg, deidentifier.reid, progress=progress)
+        extra_methods["replace"] = replace_method(replace, cfg.train.seed)
+        replace.save(Path(out_dir) / "replace_central.pt")
+        timing["replace_train_seconds"] = time.perf_counter() - t1
     deidentifier.save(Path(out_dir) / "fedeid_central.pt")
     return evaluate_and_report(deidentifier, train, test, cfg, out_dir, extra_methods,
-                               extra={"training": metrics, "mode": "central", "train_timing": timing},
-                               progress=progress)
+                               extra={"training": metrics, "mode": "central", "train_timing": timing,
+                                      **({"replace": replace_summary} if replace is not None else {})},
+                               progress=progress, counterfactuals=replace)
