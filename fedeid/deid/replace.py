@@ -34,7 +34,7 @@ from fedeid.imaging import resize, resize_array
 from fedeid.io import InputError
 from fedeid.models.deid_model import cfg_findings
 from fedeid.models.identity_prior import IdentityPrior
-from fedeid.models.replace import ReplaceModel, load_replace_state, replace_state, toward
+from fedeid.models.replace import ReplaceModel, Vectors, load_replace_state, replace_state, toward
 from fedeid.data.imageset import ImageSet
 from fedeid.models.reid import ReIDNet
 from fedeid.train import as_tensor, resolve_device, train_reid
@@ -142,19 +142,19 @@ class ReplaceDeIdentifier:
         out, _ = self.deidentify(resize_array(image, self.image_size)[None], level)
         return resize_array(out[0], image.shape), np.ones(image.shape, dtype=bool)
 
-    def _medical_targets(self, targets: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor([self.findings.index(n) for n in targets], device=self.device)
-        logit = torch.tensor([CF_LOGIT * (2 * targets[n] - 1) for n in targets], device=self.device)
-        return idx, logit
+    def counterfactual_vectors(self, v: Vectors, targets: dict[str, int]) -> Vectors:
+        """The same identity and residual; each finding in ``targets`` gets the logit ``+-CF_LOGIT``."""
+        medical = v.medical.clone()
+        for name, value in targets.items():
+            medical[:, self.findings.index(name)] = CF_LOGIT * (2 * value - 1)
+        return Vectors(v.identity, medical, v.other)
 
     @torch.no_grad()
     def counterfactual_delta(self, x: torch.Tensor, targets: dict[str, int]) -> torch.Tensor:
         """[B, 1, S, S] -> generation with the findings set minus generation as encoded (same identity)."""
-        idx, logit = self._medical_targets(targets)
         v = self.model.vectors(x.to(self.device))
-        medical = v.medical.clone()
-        medical[:, idx] = logit
-        return self.model.generate(v.identity, medical, v.other) - self.model.generate(v.identity, v.medical, v.other)
+        cf = self.counterfactual_vectors(v, targets)
+        return self.model.generate(cf.identity, cf.medical, cf.other) - self.model.generate(v.identity, v.medical, v.other)
 
     def counterfactual(self, images: np.ndarray, targets: dict[str, int], batch_size: int = 16) -> np.ndarray:
         """images [N, S, S] -> the same patients with ``targets`` ({finding: 0 or 1}) set."""

@@ -72,7 +72,9 @@ class IdentityPrior:
     def __init__(self, bank: torch.Tensor, report: PriorReport) -> None:
         if bank.ndim != 2 or len(bank) == 0 or not torch.isfinite(bank).all():
             raise ValueError("identity prior bank must be a finite, non-empty [K, D] matrix")
-        self.bank = F.normalize(bank.float(), dim=1)
+        if not torch.allclose(bank.double().norm(dim=1), torch.ones(len(bank), dtype=torch.float64), atol=1e-4):
+            raise ValueError("identity prior bank must hold unit vectors")
+        self.bank = bank.float()
         self.report = report
 
     @property
@@ -99,7 +101,9 @@ class IdentityPrior:
             n = max(256, bank_size)
             comp = rng.choice(k, size=n, p=gmm.weights_ / gmm.weights_.sum())
             means = gmm.means_[comp]
-            sample = _unit(means + rng.standard_normal(means.shape) * np.sqrt(gmm.covariances_[comp]))
+            raw = means + rng.standard_normal(means.shape) * np.sqrt(gmm.covariances_[comp])
+            # checked exactly as stored: float32 unit vectors
+            sample = F.normalize(torch.from_numpy(raw).float(), dim=1).double().numpy()
             closest = (sample @ real.T).max(axis=1)
             ok = closest < margin
             drawn += n
