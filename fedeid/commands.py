@@ -129,12 +129,9 @@ def find_images(root: Path) -> list[Path]:
 def cmd_deid(args: argparse.Namespace) -> int:
     from fedeid.deid.pipeline import DeIdentifier
 
-    deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
+    deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method)
     if not 0.0 <= args.level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
-    method = getattr(deidentifier, "method", "blocking")
-    if args.method is not None and args.method != method:
-        raise InputError(args.model, f"is a {method!r} checkpoint, not {args.method!r}")
     done, failed = transform_images(args.input, args.output, lambda image: deidentifier.deidentify_native(
         image, args.level)[0], desc="de-identify")
     print(f"de-identified {done} image(s) at level {args.level}; {failed} failed")

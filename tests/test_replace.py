@@ -254,7 +254,7 @@ def test_cli_train_deid_and_counterfactual(trained, tmp_path, capsys):
     assert "a.pt: is a 'blocking' checkpoint" in capsys.readouterr().err
     assert main(["counterfactual", str(src), str(tmp_path / "x"), "--model", str(a_model),
                  "--set-finding", "cardiomegaly=0"]) == 2
-    assert "a.pt: counterfactuals need a method-B checkpoint" in capsys.readouterr().err
+    assert "a.pt: is a 'blocking' checkpoint, not 'replace'" in capsys.readouterr().err
     assert main(["counterfactual", str(src), str(tmp_path / "x"), "--model", str(model),
                  "--set-finding", "heart=1"]) == 2
     assert "unknown finding 'heart'" in capsys.readouterr().err
@@ -266,3 +266,22 @@ def test_cli_train_method_replace(tmp_path, capsys):
                  "--out", str(ckpt)]) == 0
     assert "synthetic identities rejected" in capsys.readouterr().out
     assert isinstance(DeIdentifier.load(ckpt), ReplaceDeIdentifier)
+
+
+def test_dicom_pixel_path_takes_a_method_b_model(trained):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    from fedeid.dicom.pixels import deidentify_pixels
+
+    _, data, _, d, _ = trained
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SecondaryCaptureImageStorage, "1.2.3.4.5", "CR"
+    arr = np.round(np.kron(data.images[0], np.ones((2, 2))) * 4000).astype(np.uint16)
+    ds.set_pixel_data(arr, photometric_interpretation="MONOCHROME2", bits_stored=12, generate_instance_uid=False)
+    result = deidentify_pixels(ds, d, level=1.0)
+    out = ds.pixel_array
+    assert result.blocked_fraction == 1.0 and out.shape == arr.shape and out.dtype == arr.dtype
+    assert not np.array_equal(out, arr)  # every pixel comes from the generator

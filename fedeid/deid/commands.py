@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedeid.io import InputError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("counterfactual", help="the same patient with another finding (method-B model)",
@@ -32,9 +30,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     from fedeid.deid.pipeline import DeIdentifier
     from fedeid.deid.replace import parse_findings
 
-    model = DeIdentifier.load(args.model, device=args.device)
-    if getattr(model, "method", "blocking") != "replace":
-        raise InputError(args.model, "counterfactuals need a method-B checkpoint (fedeid train --method replace)")
+    model = DeIdentifier.load(args.model, device=args.device, method="replace")
     targets = parse_findings(args.findings, model.findings)
     done, failed = transform_images(args.input, args.output, lambda image: model.counterfactual_native(image, targets),
                                     desc="counterfactual")
