@@ -6,7 +6,7 @@ the identity prior, score de-identification at every strength and the counterfac
 Method A and the baselines are scored side by side by ``fedeid evaluate --set
 eval.baselines=blur,pixelate,dppix,block,no_decoupler,replace``; this script is the cheaper run
 that trains method B only (for a shared machine). Writes OUT/results.json (the evaluator's
-format, plus ``counterfactuals``, ``identity_prior`` and timings) and OUT/replace.pt.
+format, plus ``counterfactuals``, ``identity_prior`` and timings), OUT/pictures.png and OUT/replace.pt.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fedeid.data.imageset import ImageSet
 from fedeid.data.loaders import load_dataset
 from fedeid.deid.replace import replace_method, train_replace_deidentifier
 from fedeid.eval.counterfactual import counterfactual_figures
+from fedeid.eval.grid import first_of_patients, picture_columns, write_picture_grid
 from fedeid.eval.report import Evaluator, summary_table, write_report
 
 
@@ -49,6 +50,9 @@ def main() -> None:
     results["config"] = cfg.to_dict()
     results["timing"] = {"train_seconds": t_train, "total_seconds": time.perf_counter() - t0}
     paths = write_report(results, args.out)
+    shown = test.images[first_of_patients(test.patient_ids)]
+    write_picture_grid(picture_columns(shown, test.finding_names, replace=replace, seed=cfg.train.seed),
+                       args.out / "pictures.png")
     print(summary_table(results))
     print(results["counterfactuals"])
     print(f"report: {paths['json']} ({results['timing']['total_seconds']:.0f} s)")

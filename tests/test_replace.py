@@ -285,3 +285,23 @@ def test_dicom_pixel_path_takes_a_method_b_model(trained):
     out = ds.pixel_array
     assert result.blocked_fraction == 1.0 and out.shape == arr.shape and out.dtype == arr.dtype
     assert not np.array_equal(out, arr)  # every pixel comes from the generator
+
+
+def test_central_benchmark_scores_method_b_beside_a(tmp_path):
+    """``--set eval.baselines=...,replace``: method B in the same JSON, counterfactuals and the picture grid."""
+    from fedeid.data.synthetic import generate
+    from fedeid.eval.benchmark import run_central_benchmark
+
+    cfg = preset("test")
+    cfg.eval.baselines = ("replace",)
+    cfg.eval.levels = (0.0, 1.0)
+    sites, test = generate(cfg.data)
+    results = run_central_benchmark(sites, test, cfg, tmp_path, progress=False)
+    b = results["methods"]["replace"]
+    assert b["levels"] == [0.0, 1.0] and b["ssim"][0] == 1.0 and b["ssim"][1] < 1.0
+    assert all(0 <= p <= 1 for p in b["p_at_1"] + b["adaptive_p_at_1"])
+    cf = results["counterfactuals"]["findings"]
+    assert set(cf) == set(test.finding_names) and "identity_p_at_1" in cf["cardiomegaly"]["set_1"]
+    assert results["replace"]["identity_prior"]["rejection_rate"] >= 0
+    assert (tmp_path / "pictures.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert isinstance(DeIdentifier.load(tmp_path / "replace_central.pt"), ReplaceDeIdentifier)

@@ -16,6 +16,7 @@ from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
 from fedeid.deid.replace import replace_method, train_replace_deidentifier
 from fedeid.eval.counterfactual import counterfactual_figures
+from fedeid.eval.grid import first_of_patients, picture_columns, write_picture_grid
 from fedeid.eval.report import Evaluator, Method, acceptance, baseline_method, deid_method, summary_table, write_report
 from fedeid.models.deid_model import build_deid_model
 from fedeid.train import train_deid, train_reid
@@ -41,7 +42,8 @@ def methods_for(deidentifier: DeIdentifier, cfg: Config) -> dict[str, Method]:
         elif name in IMAGE_BASELINES:
             methods[name] = baseline_method(name, cfg.data.seed)
         elif name not in TRAINED_SEPARATELY:  # see run_central_benchmark
-            raise ValueError(f"unknown baseline {name!r}; known: block, no_decoupler, {', '.join(IMAGE_BASELINES)}")
+            raise ValueError(f"unknown baseline {name!r}; known: block, no_decoupler, replace, "
+                             f"{', '.join(IMAGE_BASELINES)}")
     return methods
 
 
@@ -91,6 +93,10 @@ def run_central_benchmark(sites: list[ImageSet], test: ImageSet, cfg: Config, ou
         replace.save(Path(out_dir) / "replace_central.pt")
         timing["replace_train_seconds"] = time.perf_counter() - t1
     deidentifier.save(Path(out_dir) / "fedeid_central.pt")
+    if replace is not None:
+        shown = test.images[first_of_patients(test.patient_ids)]
+        write_picture_grid(picture_columns(shown, test.finding_names, blocking=deidentifier, levels=cfg.eval.levels,
+                                           replace=replace, seed=cfg.train.seed), Path(out_dir) / "pictures.png")
     return evaluate_and_report(deidentifier, train, test, cfg, out_dir, extra_methods,
                                extra={"training": metrics, "mode": "central", "train_timing": timing,
                                       **({"replace": replace_summary} if replace is not None else {})},
