@@ -51,10 +51,20 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-12, None)
 
 
-def calibrate_margin(vectors: np.ndarray, patient_ids: np.ndarray, fpr: float) -> tuple[float, float]:
-    """(margin, TPR there): the cosine different patients exceed at rate ``fpr``, from the site's pairs."""
+_CALIBRATION_IMAGES = 3000  # pairs of at most this many images (4.5 M pairs) calibrate the margin
+
+
+def calibrate_margin(vectors: np.ndarray, patient_ids: np.ndarray, fpr: float, seed: int = 0) -> tuple[float, float]:
+    """(margin, TPR there): the cosine different patients exceed at rate ``fpr``, from the site's pairs.
+
+    A large site is calibrated on a random subset of its images (all pairs of N images would need
+    N^2 memory); the rejection check itself always runs against every image.
+    """
     v = _unit(np.asarray(vectors, dtype=np.float64))
     ids = np.asarray(patient_ids)
+    if len(v) > _CALIBRATION_IMAGES:
+        keep = np.random.default_rng(seed).choice(len(v), _CALIBRATION_IMAGES, replace=False)
+        v, ids = v[keep], ids[keep]
     iu = np.triu_indices(len(v), k=1)
     cos = (v @ v.T)[iu]
     same = ids[iu[0]] == ids[iu[1]]
@@ -64,6 +74,14 @@ def calibrate_margin(vectors: np.ndarray, patient_ids: np.ndarray, fpr: float) -
     margin = float(np.quantile(diff, 1.0 - fpr, method="higher"))
     tpr = float((cos[same] >= margin).mean()) if same.any() else float("nan")
     return margin, tpr
+
+
+def closest_cosine(sample: np.ndarray, real: np.ndarray, block: int = 8192) -> np.ndarray:
+    """For each unit ``sample`` row, its largest cosine to any ``real`` row (in blocks: memory stays flat)."""
+    out = np.full(len(sample), -np.inf)
+    for i in range(0, len(real), block):
+        out = np.maximum(out, (sample @ real[i:i + block].T).max(axis=1))
+    return out
 
 
 class IdentityPrior:
@@ -86,7 +104,7 @@ class IdentityPrior:
             bank_size: int, seed: int = 0) -> IdentityPrior:
         """Fit the mixture to the site's identity vectors, calibrate the margin, keep ``bank_size`` accepted samples."""
         real = _unit(np.asarray(vectors, dtype=np.float64))
-        margin, tpr = calibrate_margin(real, patient_ids, fpr)
+        margin, tpr = calibrate_margin(real, patient_ids, fpr, seed)
         n_patients = int(len(np.unique(patient_ids)))
         k = max(1, min(components, n_patients // 2, len(real) // 4))
         gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-4, random_state=seed).fit(real)
@@ -104,7 +122,7 @@ class IdentityPrior:
             raw = means + rng.standard_normal(means.shape) * np.sqrt(gmm.covariances_[comp])
             # checked exactly as stored: float32 unit vectors
             sample = F.normalize(torch.from_numpy(raw).float(), dim=1).double().numpy()
-            closest = (sample @ real.T).max(axis=1)
+            closest = closest_cosine(sample, real)
             ok = closest < margin
             drawn += n
             rejected += int((~ok).sum())

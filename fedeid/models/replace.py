@@ -20,6 +20,15 @@ supplied. The generator upsamples
 by nearest-neighbour resize then convolution (no transposed-convolution checkerboard) up to the
 full image size, with the code injected at every scale (FiLM). Only GroupNorm, and nothing mixes
 samples, so Opacus' per-sample DP-SGD applies as it does to method A.
+
+What would travel in a federation (:func:`replace_state`): the encoder heads and the generator,
+nothing else. What stays at the site: its ReID network and its patients' proxies (both are
+identities), and the identity prior — the mixture is fitted to real patients' identity vectors
+and its margin calibrated on their pairs; only the bank of accepted synthetic identities is kept,
+and only in the site's own checkpoint. The shared generator is itself a risk worth naming: it
+renders whatever identity vector it is given, so whoever holds a real patient's identity vector
+(for instance by encoding an image of them) can render that patient; it cannot make an identity
+out of nothing, and local DP-SGD bounds what one image contributes to it.
 """
 
 from __future__ import annotations
