@@ -83,7 +83,7 @@ def swap_errors(model, reid, data):
     """Per swap: cosine of the re-encoded identity to the one put in, relative error of the kept vectors."""
     model.eval()
     x, y = as_tensor(data.images), torch.from_numpy(data.labels)
-    proxies, target = patient_proxies(reid, data, torch.device("cpu"))
+    proxies, target, _ = patient_proxies(reid, data, torch.device("cpu"))
     v = model.vectors(x)
     identity, medical, labels, swapped = swap_targets(v, y, target, proxies, model.n_findings,
                                                       torch.Generator().manual_seed(0))
@@ -99,7 +99,9 @@ def test_swap_consistency_kept_vectors_come_back(trained):
     cfg, data, reid, d, before = trained
     after = swap_errors(d.model, reid, data)
     assert after["kept_cos"] > 0.9 and after["other"] < 0.1 and after["medical"] < 0.1
-    assert after["swapped_cos"] > before["swapped_cos"] + 0.2  # the generator learnt to take the new identity
+    # learnt, not by chance: the untrained networks do not give the kept vectors back
+    assert before["kept_cos"] < after["kept_cos"] and before["other"] > 5 * after["other"]
+    assert before["medical"] > 5 * after["medical"]
 
 
 def test_swap_targets_never_swap_in_the_own_patient_and_flip_one_finding():
