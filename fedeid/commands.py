@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         replace.save(args.out)
         prior = summary["identity_prior"]
         print(f"saved {args.out} ({int(summary['training']['num_examples'])} images, "
-              f"{summary['training']['train_seconds']:.0f} s; identity margin {prior['margin']:.3f}, "
+              f"{summary['training']['train_seconds']:.0f} s; identity margin {prior['margin']:.3f}, at which "
+              f"{100 * prior['tpr_at_margin']:.0f} % of a patient's own image pairs match; "
               f"{100 * prior['rejection_rate']:.1f} % of synthetic identities rejected)")
         return 0
     deidentifier, metrics = train_central(ImageSet.concat(sites), cfg, progress=True)

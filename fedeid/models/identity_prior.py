@@ -17,7 +17,9 @@ Limits, plainly: the check is against the identity vectors of the images the sit
 prior was fitted, in the encoder's identity space; a patient's unseen image may lie a little
 elsewhere (``tpr_at_margin`` says how often two images of one patient exceed the margin), and an
 attacker with another network sees other features — that is what the evaluation's attacker
-suite measures.
+suite measures. And the check is only as strong as the identity vectors are discriminative: if
+they do not yet separate the site's patients (an undertrained encoder puts every patient at
+cosine ~1), the margin sits at ~1 and excludes almost nothing; ``tpr_at_margin`` near 0 says so.
 """
 
 from __future__ import annotations
