@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fedeid import __version__
-from fedeid.config import Config
+from fedeid.config import METHODS, Config
 from fedeid.io import InputError, atomic_save
 
 FORMAT = "fedeid-checkpoint"
@@ -32,13 +32,14 @@ DEFAULT_MODALITIES = ("CR", "DX")  # the synthetic benchmark and ChestX-ray14 ar
 def save_checkpoint(path: str | Path, cfg: Config, *, shared: dict[str, torch.Tensor] | None = None,
                     reid: dict[str, torch.Tensor] | None = None,
                     modalities: tuple[str, ...] = DEFAULT_MODALITIES,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Write atomically; ``shared`` = decoupler+decoder state, ``reid`` = a site's ReID state."""
+                    extra: dict[str, Any] | None = None, method: str = "blocking") -> None:
+    """Write atomically; ``shared`` = the method's trained shared state, ``reid`` = a site's ReID state."""
     from fedeid.models.deid_model import cfg_findings
 
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "method": method,
         "config": cfg.to_dict(),
         "versions": {"fedeid": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
         "image_size": cfg.data.image_size,
@@ -83,6 +84,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 "with this fedeid" if isinstance(version, int) and version < FORMAT_VERSION else "")
         raise InputError(path, f"checkpoint format {version} is not supported "
                                f"(this fedeid reads {FORMAT_VERSION}){hint}")
+    payload.setdefault("method", "blocking")  # written before method B existed
+    if payload["method"] not in METHODS:
+        raise InputError(path, f"checkpoint method {payload['method']!r} is not one of {', '.join(METHODS)}")
     try:
         payload["config_obj"] = Config.from_dict(payload["config"])
     except (KeyError, ValueError) as exc:

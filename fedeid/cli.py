@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fedeid.commands", "train ReID + decoupler + decoder centrally and save a checkpoint"),
     "deid": ("fedeid.commands", "de-identify a folder of images at a privacy level"),
     "evaluate": ("fedeid.commands", "privacy/utility/quality of fedeid vs baselines (JSON + PNG)"),
+    "counterfactual": ("fedeid.deid.commands", "the same patient with another finding (method B checkpoints)"),
     "dicom": ("fedeid.dicom.commands", "de-identify DICOM: pixels by the model, headers by the PS3.15 Annex E profile"),
     "simulate": ("fedeid.federated.commands", "federated training over simulated hospitals (Flower), then the report"),
     "certs": ("fedeid.federated.commands", "create a CA, the SuperLink TLS certificate and SuperNode keys"),

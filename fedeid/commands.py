@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from fedeid.config import Config, preset
+from fedeid.config import METHODS, Config, preset
 from fedeid.io import (InputError, OutputFolder, atomic_save, batch_exit_code, check_new_file, file_sha256,
                        file_stamp)
 
@@ -48,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.pt; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--method", default="blocking", choices=METHODS,
+                   help="blocking: method A (default); replace: method B, identity replacement with "
+                        "synthetic identities (also makes counterfactuals)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("deid",
@@ -66,7 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=Path, help="output folder (created; must lie outside IN)")
     p.add_argument("--model", required=True, type=Path, help="DeIdentifier checkpoint")
     p.add_argument("--reid", type=Path, help="this site's ReID checkpoint (for a global federated model)")
-    p.add_argument("--level", required=True, type=float, help="privacy level in [0, 1]: fraction of patches blocked")
+    p.add_argument("--level", required=True, type=float,
+                   help="privacy level in [0, 1]: fraction of patches blocked (method A), or how far the "
+                        "identity moves towards a synthetic one (method B)")
+    p.add_argument("--method", choices=METHODS,
+                   help="expect this method's checkpoint (default: whichever --model holds)")
     p.add_argument("--device", default="auto")
     add_output_args(p)
     p.set_defaults(func=cmd_deid)
@@ -90,10 +99,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fedeid.data.loaders import load_dataset
     from fedeid.eval.benchmark import train_central
 
+    from fedeid.audit import record
+
     sites, _ = load_dataset(cfg.data)
+    if args.method == "replace":
+        from fedeid.deid.replace import train_replace_deidentifier
+
+        replace, summary = train_replace_deidentifier(ImageSet.concat(sites), cfg, progress=True)
+        replace.save(args.out)
+        record("model.release", model=args.out, mode="central", method="replace",
+               num_examples=int(summary["training"]["num_examples"]))
+        prior = summary["identity_prior"]
+        print(f"saved {args.out} ({int(summary['training']['num_examples'])} images, "
+              f"{summary['training']['train_seconds']:.0f} s; identity margin {prior['margin']:.3f}, at which "
+              f"{100 * prior['tpr_at_margin']:.0f} % of a patient's own image pairs match; "
+              f"{100 * prior['rejection_rate']:.1f} % of synthetic identities rejected)")
+        return 0
     deidentifier, metrics = train_central(ImageSet.concat(sites), cfg, progress=True)
     deidentifier.save(args.out, extra={"training": metrics})
-    from fedeid.audit import record
     record("model.release", model=args.out, mode="central", num_examples=int(metrics["num_examples"]))
     print(f"saved {args.out} ({int(metrics['num_examples'])} images, {metrics['train_seconds']:.0f} s)")
     return 0
@@ -142,29 +165,55 @@ def output_name(rel: Path) -> Path:
 def cmd_deid(args: argparse.Namespace) -> int:
     if not 0.0 <= args.level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
+
+    def build() -> tuple[Callable[[Any], Any], dict[str, Any]]:
+        from fedeid.checkpoint import load_checkpoint
+        from fedeid.deid.pipeline import DeIdentifier
+        from fedeid.eval.calibration import describe_level
+
+        deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method)
+        try:  # what the level bought on held-out patients, as measured when the model was evaluated
+            print(describe_level(load_checkpoint(args.model)["extra"].get("calibration"), args.level))
+        except ValueError as exc:
+            print(f"fedeid: {args.model}: calibration ignored: {exc}", file=sys.stderr)
+        settings = {"level": args.level, "model_sha256": file_sha256(args.model),
+                    "reid_sha256": file_sha256(args.reid) if args.reid else None}
+        return (lambda image: deidentifier.deidentify_native(image, args.level)[0]), settings
+
+    done, kept, failed, manifest = transform_images(args, "deid", build, stage="de-identify")
+    again = f" ({kept} unchanged since the last run, kept)" if kept else ""
+    print(f"de-identified {done + kept} image(s) at level {args.level:g}{again}; {failed} failed; "
+          f"manifest: {manifest}")
+    return batch_exit_code(done + kept, failed)
+
+
+def transform_images(args: argparse.Namespace, kind: str,
+                     build: Callable[[], tuple[Callable[[Any], Any], dict[str, Any]]], *,
+                     stage: str) -> tuple[int, int, int, Path]:
+    """Write ``fn(image)`` for every image under ``args.input`` as a 16-bit PNG under ``args.output``.
+
+    The one batch loop of ``deid`` and ``counterfactual``: the output folder is checked (never
+    inside an input, nothing replaced that fedeid did not write unless ``--overwrite``) before
+    ``build()`` loads the model and returns ``fn`` with the run's settings (model hash, level);
+    a bad file is reported and the batch goes on; a rerun with the same settings keeps outputs
+    of unchanged inputs; the run is recorded in the audit log. Returns (done, kept, failed,
+    manifest path).
+    """
     files = find_images(args.input)
-    out = OutputFolder(args.output, [args.input], "deid", overwrite=args.overwrite)
+    out = OutputFolder(args.output, [args.input], kind, overwrite=args.overwrite)
+    fn, settings = build()
 
     import numpy as np
     from PIL import Image
 
     from fedeid.audit import record
-    from fedeid.checkpoint import load_checkpoint
     from fedeid.data.loaders import read_image
-    from fedeid.deid.pipeline import DeIdentifier
-    from fedeid.eval.calibration import describe_level
     from fedeid.progress import Progress
 
-    deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
-    try:  # what the level bought on held-out patients, as measured when the model was evaluated
-        print(describe_level(load_checkpoint(args.model)["extra"].get("calibration"), args.level))
-    except ValueError as exc:
-        print(f"fedeid: {args.model}: calibration ignored: {exc}", file=sys.stderr)
-    out.resume({"level": args.level, "model_sha256": file_sha256(args.model),
-                "reid_sha256": file_sha256(args.reid) if args.reid else None})
+    out.resume(settings)
     base = args.input if args.input.is_dir() else args.input.parent
     done, kept, failed = 0, 0, 0
-    with out, Progress(len(files), "de-identify", "image", enabled=not args.no_progress) as progress:
+    with out, Progress(len(files), stage, "image", enabled=not args.no_progress) as progress:
         for path in files:
             rel = path.relative_to(base)
             try:
@@ -173,8 +222,7 @@ def cmd_deid(args: argparse.Namespace) -> int:
                     kept += 1
                     continue
                 target = out.claim(output_name(rel), str(path))
-                image = read_image(path)
-                result, _ = deidentifier.deidentify_native(image, args.level)
+                result = fn(read_image(path))
                 pixels = np.round(result * 65535).astype(np.uint16)
                 atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
             except (InputError, OSError) as exc:
@@ -188,9 +236,6 @@ def cmd_deid(args: argparse.Namespace) -> int:
                 done += 1
             finally:
                 progress.update()
-    again = f" ({kept} unchanged since the last run, kept)" if kept else ""
-    print(f"de-identified {done + kept} image(s) at level {args.level:g}{again}; {failed} failed; "
-          f"manifest: {out.manifest_path}")
-    record("deid.images", inputs=files, model=args.model, level=args.level,
+    record(f"{kind}.images", inputs=files, model=args.model, **settings,
            outcome={"done": done, "kept": kept, "failed": failed})
-    return batch_exit_code(done + kept, failed)
+    return done, kept, failed, out.manifest_path

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FINDINGS: tuple[str, ...] = ("nodule", "effusion", "cardiomegaly", "opacity")
+# The de-identification methods a checkpoint can hold: method A (identity blocking + compensation)
+# and method B (identity replacement with synthetic identities, fedeid.deid.replace).
+METHODS: tuple[str, ...] = ("blocking", "replace")
 
 
 @dataclass
@@ -131,6 +134,29 @@ class EvalConfig:
 
 
 @dataclass
+class ReplaceConfig:
+    """Method B (identity replacement with synthetic identities, counterfactuals): sizes and loss weights.
+
+    The identity vector lives in the site ReID network's embedding space (``model.reid_dim``
+    wide, unit norm), so the margin at which the ReID network would match two images is also the
+    margin a synthetic identity must keep from every real patient.
+    """
+
+    medical_dim: int = 16  # medical vector: one logit per finding, then this many free dimensions
+    other_dim: int = 8  # residual vector (acquisition: pose, exposure); kept small so it cannot hold anatomy
+    width: int = 8  # generator channels at full resolution (x2 per halving, capped at 8x); encoder 2x
+    epochs: int = 20
+    w_rec: float = 1.0  # L1 reconstruction of the image from its own three vectors
+    w_swap: float = 1.0  # kept vectors come back after a swap (re-encode the generated image)
+    w_id: float = 1.0  # identity metric loss: CosFace of the identity vector against patient ids
+    w_med: float = 1.0  # finding loss on the medical vector (and on the swapped image's re-encoding)
+    w_judge: float = 1.0  # the site ReID network sees the swapped identity and the findings in the output
+    prior_components: int = 8  # Gaussian mixture components of the identity prior (fewer if few patients)
+    prior_fpr: float = 1e-3  # margin = the cosine that different patients exceed at this rate
+    prior_bank: int = 2048  # accepted synthetic identities stored with the model
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +164,7 @@ class Config:
     fed: FederatedConfig = field(default_factory=FederatedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    replace: ReplaceConfig = field(default_factory=ReplaceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,5 +263,11 @@ def preset(name: str) -> Config:
         cfg.eval.classifier_epochs = 1
         cfg.eval.attacker_size = 32
         cfg.eval.patch_shift = 2
+        cfg.replace.medical_dim = 4
+        cfg.replace.other_dim = 4
+        cfg.replace.width = 4
+        cfg.replace.epochs = 1
+        cfg.replace.prior_components = 2
+        cfg.replace.prior_bank = 256
         return cfg
     raise ValueError(f"unknown preset {name!r}; choose quick, full or test")

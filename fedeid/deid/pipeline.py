@@ -65,9 +65,21 @@ class DeIdentifier:
         return cls(model, reid, cfg, device)
 
     @classmethod
-    def load(cls, path: str | Path, reid: str | Path | None = None, device: str = "auto") -> DeIdentifier:
-        """Rebuild from a checkpoint; ``reid`` names a site's ReID checkpoint when ``path`` has none."""
+    def load(cls, path: str | Path, reid: str | Path | None = None, device: str = "auto",
+             method: str | None = None) -> Any:
+        """Rebuild from a checkpoint; ``reid`` names a site's ReID checkpoint when ``path`` has none.
+
+        A method-B checkpoint (``method == "replace"``) gives a
+        :class:`fedeid.deid.replace.ReplaceDeIdentifier` (same surface; it needs no ReID network).
+        ``method``, when given, is what the caller expects the checkpoint to hold.
+        """
         ckpt = load_checkpoint(path)
+        if method is not None and ckpt["method"] != method:
+            raise InputError(path, f"is a {ckpt['method']!r} checkpoint, not {method!r}")
+        if ckpt["method"] == "replace":
+            from fedeid.deid.replace import ReplaceDeIdentifier
+
+            return ReplaceDeIdentifier.from_checkpoint(ckpt, path, device)
         cfg: Config = ckpt["config_obj"]
         reid_state = ckpt["reid_state"]
         if reid is not None:

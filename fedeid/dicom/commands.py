@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedeid.config import METHODS
 from fedeid.dicom.pipeline import DEFAULT_MAX_BYTES, MANIFEST_NAME, DicomDeidentifier
 from fedeid.dicom.profile import ProfileOptions
 from fedeid.dicom.pseudonyms import Keyring, load_secret, new_secret_file
@@ -46,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deid.add_argument("output", metavar="OUT", help="output folder (created; must be outside IN)")
     deid.add_argument("--model", metavar="CKPT", help="de-identification checkpoint: pixel mode")
     deid.add_argument("--level", type=float, help="privacy level in [0, 1] (pixel mode)")
+    deid.add_argument("--method", choices=METHODS,
+                      help="expect this method's checkpoint: blocking (method A) or replace (method B, "
+                           "synthetic identity; every pixel generated at level > 0). Default: what --model holds")
     deid.add_argument(
         "--reid",
         metavar="CKPT",
@@ -161,7 +165,7 @@ def _deid(args: argparse.Namespace) -> int:
     if args.model is not None:
         from fedeid.deid.pipeline import DeIdentifier
 
-        model = DeIdentifier.load(args.model, reid=args.reid, device=args.device)
+        model = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method)
     if args.max_mb < 1:
         raise ValueError("--max-mb must be at least 1")
     runner = DicomDeidentifier(

@@ -15,11 +15,14 @@ from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.calibration import calibration_from_results
+from fedeid.deid.replace import replace_method, train_replace_deidentifier
+from fedeid.eval.counterfactual import counterfactual_figures
 from fedeid.eval.report import Evaluator, Method, acceptance, baseline_method, deid_method, summary_table, write_report
 from fedeid.models.deid_model import build_deid_model
 from fedeid.train import train_deid, train_reid
 
 IMAGE_BASELINES = ("blur", "pixelate", "dppix")
+TRAINED_SEPARATELY = ("no_decoupler", "replace")  # replace = method B (fedeid.deid.replace), opt-in
 
 
 def train_central(train: ImageSet, cfg: Config, progress: bool = True) -> tuple[DeIdentifier, dict[str, float]]:
@@ -41,19 +44,26 @@ def methods_for(deidentifier: DeIdentifier, cfg: Config) -> dict[str, Method]:
             methods["block"] = deid_method(deidentifier, compensate=False)
         elif name in IMAGE_BASELINES:
             methods[name] = baseline_method(name, cfg.data.seed)
-        elif name != "no_decoupler":  # trained separately, see run_central_benchmark
-            raise ValueError(f"unknown baseline {name!r}; known: block, no_decoupler, {', '.join(IMAGE_BASELINES)}")
+        elif name not in TRAINED_SEPARATELY:  # see run_central_benchmark
+            raise ValueError(f"unknown baseline {name!r}; known: block, no_decoupler, replace, "
+                             f"{', '.join(IMAGE_BASELINES)}")
     return methods
 
 
 def evaluate_and_report(deidentifier: DeIdentifier, train: ImageSet, test: ImageSet, cfg: Config,
                         out_dir: str | Path, extra_methods: dict[str, Method] | None = None,
-                        extra: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                        extra: dict[str, Any] | None = None, progress: bool = True,
+                        counterfactuals: Any | None = None) -> dict[str, Any]:
+    """``counterfactuals``: a method-B de-identifier whose counterfactuals are measured too."""
     t0 = time.perf_counter()
     evaluator = Evaluator(train, test, cfg, progress=progress)
     methods = methods_for(deidentifier, cfg) | (extra_methods or {})
     results = evaluator.run(methods, cfg.eval.levels)
     evaluator.write_grid({"fedeid": methods["fedeid"], **(extra_methods or {})}, Path(out_dir) / "grid.png")
+    if counterfactuals is not None:
+        results["counterfactuals"] = counterfactual_figures(counterfactuals, test, evaluator.classifier,
+                                                            evaluator.suite.learned_net, evaluator.gallery,
+                                                            evaluator.queries, evaluator.device)
     results["acceptance"] = acceptance(results)
     results["config"] = cfg.to_dict()
     results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
@@ -79,11 +89,19 @@ def run_central_benchmark(sites: list[ImageSet], test: ImageSet, cfg: Config, ou
         train_deid(ablation, deidentifier.reid, train, ablation_cfg, cfg.train.deid_epochs, progress=progress)
         extra_methods["no_decoupler"] = deid_method(DeIdentifier.from_models(ablation, deidentifier.reid, ablation_cfg))
         timing["ablation_train_seconds"] = time.perf_counter() - t0 - timing["train_seconds"]
+    replace, replace_summary = None, {}
+    if "replace" in cfg.eval.baselines:  # method B, on the same site ReID network
+        t1 = time.perf_counter()
+        replace, replace_summary = train_replace_deidentifier(train, cfg, deidentifier.reid, progress=progress)
+        extra_methods["replace"] = replace_method(replace, cfg.train.seed)
+        replace.save(Path(out_dir) / "replace_central.pt")
+        timing["replace_train_seconds"] = time.perf_counter() - t1
     checkpoint = Path(out_dir) / "fedeid_central.pt"
     deidentifier.save(checkpoint, extra={"training": metrics})  # kept even if the evaluation fails
     results = evaluate_and_report(deidentifier, train, test, cfg, out_dir, extra_methods,
-                                  extra={"training": metrics, "mode": "central", "train_timing": timing},
-                                  progress=progress)
+                                  extra={"training": metrics, "mode": "central", "train_timing": timing,
+                                         **({"replace": replace_summary} if replace is not None else {})},
+                                  progress=progress, counterfactuals=replace)
     # the checkpoint states what each level bought on these held-out patients (fedeid deid prints it)
     deidentifier.save(checkpoint, extra={"training": metrics, "calibration": calibration_from_results(results)})
     return results
