@@ -24,6 +24,7 @@ from fedeid.audit.log import AuditLog, record
 from fedeid.cli import main
 from fedeid.config import preset
 from fedeid.deid.pipeline import DeIdentifier
+from fedeid.dicom.pipeline import MANIFEST_NAME
 from fedeid.eval.metrics import similarity_metrics
 from fedeid.eval.attackers import split_gallery
 from fedeid.riskreport.commands import make_report
@@ -75,7 +76,7 @@ def issued(tmp_path_factory):
     assert main(["dicom", "deid", str(src), str(tmp / "dicom-out"), "--secret-file", str(tmp / "secret"),
                  "--workers", "1", "--no-progress"]) == 0
     paths = make_report(tmp / "model.pt", 0.5, tmp / "out", tmp / "site.key", bootstrap=40, state=state,
-                        dicom_manifest=tmp / "dicom-out" / "fedeid-manifest.json", dicom_input=src,
+                        dicom_manifest=tmp / "dicom-out" / MANIFEST_NAME, dicom_input=src,
                         progress=False, suite_factory=TwoAttackerSuite)
     os.environ["FEDEID_STATE_DIR"] = saved
     return tmp, paths, json.loads(paths["report.json"].read_text()), release
@@ -158,7 +159,7 @@ def test_phi_scan_finds_an_identifier_left_in_an_output(issued, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(tmp / "dicom-out", out)
     shutil.copy(tmp / "dicom-in" / "Quixote_0.dcm", out / "leaked.dcm")  # an un-de-identified file
-    result = scan(tmp / "dicom-in", out, skip=("fedeid-manifest.json",))
+    result = scan(tmp / "dicom-in", out, skip=(MANIFEST_NAME,))
     assert result["hits"] > 0 and result["files_with_hits"] == 1 and "DO NOT RELEASE" in result["result"]
 
 

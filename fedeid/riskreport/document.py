@@ -53,10 +53,15 @@ def dicom_section(manifest_path: Path, dicom_input: Path | None) -> dict[str, An
     """The batch's profile, options and counts from its manifest, and a PHI scan of its outputs."""
     from fedeid.riskreport.phiscan import scan
 
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        section = {k: manifest[k] for k in ("mode", "level", "profile", "options", "counts")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    from fedeid.dicom.pipeline import read_manifest
+
+    try:  # the batch's journal: its last run's header and the latest row of every input
+        manifest = read_manifest(manifest_path)
+        run = manifest["runs"][-1]
+        section = {k: run[k] for k in ("mode", "level", "profile", "options")}
+        section["counts"] = manifest["counts"]
+        section["complete"] = manifest["complete"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise InputError(manifest_path, f"not a fedeid DICOM manifest ({exc})") from exc
     section["phi_scan"] = (scan(dicom_input, manifest_path.parent, skip=(manifest_path.name,)) if dicom_input else
                            {"result": "not run: give --dicom-input (the batch's input folder) to scan the outputs"})

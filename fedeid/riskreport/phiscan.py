@@ -35,7 +35,8 @@ def _uids(ds: Any, class_tags: frozenset[int]) -> set[str]:
 def input_identifiers(in_dir: Path) -> set[bytes]:
     import pydicom
 
-    from fedeid.dicom.profile import CLASS_UID_TAGS, collect_identifiers
+    from fedeid.dicom.profile import CLASS_UID_TAGS
+    from fedeid.dicom.scrub import collect
 
     found: set[str] = set()
     with warnings.catch_warnings():
@@ -45,7 +46,8 @@ def input_identifiers(in_dir: Path) -> set[bytes]:
                 continue
             try:
                 ds = pydicom.dcmread(p, force=True)
-                found |= {s for s in collect_identifiers(ds) if len(s) >= 4}
+                ident = collect(ds)  # names, identifiers (whole and by part) and dates; UIDs below, sans class UIDs
+                found |= {s for s in ident.tokens() if len(s) >= 4} - ident.uids
                 found |= _uids(ds, CLASS_UID_TAGS) | _uids(getattr(ds, "file_meta", []), CLASS_UID_TAGS)
             except Exception:  # an unreadable input contributes nothing; the batch itself refused it
                 continue
