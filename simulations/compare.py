@@ -81,9 +81,13 @@ def score(evaluator: Any, deid: Any, levels: tuple[float, ...], adaptive: bool) 
     return {"levels": list(levels), **{k: [r.get(k) for r in rows] for k in rows[0]}}
 
 
+# the privacy axis of every comparison: the worst case over the attacker suite, never one attacker
+PRIVACY = "worst_p_at_1"
+
+
 def utility_at_privacy(curve: dict[str, list[float]], p_targets: list[float]) -> list[float | None]:
-    """Utility AUC interpolated at given P@1 values along a method's level curve."""
-    p = np.asarray(curve["p_at_1"], dtype=float)
+    """Utility AUC interpolated at given worst-case P@1 values along a method's level curve."""
+    p = np.asarray(curve[PRIVACY], dtype=float)
     u = np.asarray(curve["utility_auc"], dtype=float)
     order = np.argsort(p)
     p, u = p[order], u[order]
@@ -95,10 +99,10 @@ def compare_to_central(curves: dict[str, dict[str, list[float]]], name: str, ref
     """``name`` against ``ref``: utility ratio at the same level and at ``ref``'s privacy (P@1)."""
     c, f = curves[ref], curves[name]
     ratio_level = [fu / cu if cu else None for fu, cu in zip(f["utility_auc"], c["utility_auc"])]
-    at_p = utility_at_privacy(f, c["p_at_1"])
+    at_p = utility_at_privacy(f, c[PRIVACY])
     ratio_priv = [a / cu if (a is not None and cu) else None for a, cu in zip(at_p, c["utility_auc"])]
     return {"levels": c["levels"], "utility_ratio_same_level": ratio_level,
-            "p_at_1_diff_same_level": [fp - cp for fp, cp in zip(f["p_at_1"], c["p_at_1"])],
+            "p_at_1_diff_same_level": [fp - cp for fp, cp in zip(f[PRIVACY], c[PRIVACY])],
             "utility_ratio_same_privacy": ratio_priv}
 
 
@@ -133,9 +137,9 @@ def plot_compare(curves: dict[str, dict[str, list[float]]], path: Path, title: s
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in curves.items():
         style = "-" if name in ("federated", "centralized") else ("--" if name.startswith("federated@") else ":")
-        axes[0].plot(c["p_at_1"], c["utility_auc"], style, marker="o", label=name)
+        axes[0].plot(c[PRIVACY], c["utility_auc"], style, marker="o", label=name)
         axes[1].plot(c["levels"], c["utility_auc"], style, marker="o", label=name)
-    axes[0].set(xlabel="attacker P@1 on de-identified images (lower = more private)", ylabel="finding AUC (utility)",
+    axes[0].set(xlabel="worst-case P@1 over the attacker suite (lower = more private)", ylabel="finding AUC (utility)",
                 title=title)
     axes[1].set(xlabel="privacy level (fraction of patches blocked)", ylabel="finding AUC")
     save_figure(fig, axes, path)
@@ -297,9 +301,9 @@ def _plot_sweep(rows: list[dict[str, Any]], key: str, path: Path, xlabel: str) -
     inf_x = (max(finite) * 2 if finite else 1.0)
     xs = [x if x is not None else inf_x for x in xs]
     for j, lv in enumerate(levels):
-        axes[0].plot(xs, [r["curve"]["p_at_1"][j] for r in rows], marker="o", label=f"level {lv:g}")
+        axes[0].plot(xs, [r["curve"][PRIVACY][j] for r in rows], marker="o", label=f"level {lv:g}")
         axes[1].plot(xs, [r["curve"]["utility_auc"][j] for r in rows], marker="o", label=f"level {lv:g}")
-    axes[0].set(xlabel=xlabel, ylabel="attacker P@1 on de-identified images")
+    axes[0].set(xlabel=xlabel, ylabel="worst-case P@1 over the attacker suite")
     axes[1].set(xlabel=xlabel, ylabel="finding AUC on de-identified images")
     if key == "epsilon_spent":
         for ax in axes:
