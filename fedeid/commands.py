@@ -167,13 +167,12 @@ def cmd_deid(args: argparse.Namespace) -> int:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
 
     def build() -> tuple[Callable[[Any], Any], dict[str, Any]]:
-        from fedeid.checkpoint import load_checkpoint
         from fedeid.deid.pipeline import DeIdentifier
         from fedeid.eval.calibration import describe_level
 
         deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method)
         try:  # what the level bought on held-out patients, as measured when the model was evaluated
-            print(describe_level(load_checkpoint(args.model)["extra"].get("calibration"), args.level))
+            print(describe_level(deidentifier.info.get("calibration"), args.level))
         except ValueError as exc:
             print(f"fedeid: {args.model}: calibration ignored: {exc}", file=sys.stderr)
         settings = {"level": args.level, "model_sha256": file_sha256(args.model),

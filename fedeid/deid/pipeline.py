@@ -45,7 +45,7 @@ def reid_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> ReIDNet:
 
 class DeIdentifier:
     def __init__(self, model: DeIdModel, reid: ReIDNet, cfg: Config, device: str | torch.device = "auto",
-                 modalities: tuple[str, ...] = DEFAULT_MODALITIES) -> None:
+                 modalities: tuple[str, ...] = DEFAULT_MODALITIES, info: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
@@ -53,6 +53,9 @@ class DeIdentifier:
         self.image_size = cfg.data.image_size
         self.level_range = (cfg.train.level_min, cfg.train.level_max)
         self.modalities = tuple(modalities)
+        # what the checkpoint stored beside the weights (training figures, the level calibration),
+        # as method B's de-identifier keeps it: callers read it here instead of loading the file again
+        self.info = dict(info or {})
 
     @classmethod
     def build(cls, cfg: Config, device: str = "auto") -> DeIdentifier:
@@ -95,7 +98,7 @@ class DeIdentifier:
             reid_net = reid_from_state(cfg, reid_state)
         except (ValueError, RuntimeError) as exc:
             raise InputError(path, f"weights do not fit the stored config: {exc}") from exc
-        return cls(model, reid_net, cfg, device, tuple(ckpt["modalities"]))
+        return cls(model, reid_net, cfg, device, tuple(ckpt["modalities"]), ckpt.get("extra"))
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         save_checkpoint(path, self.cfg, shared=shared_state(self.model), reid=self.reid.state_dict(),

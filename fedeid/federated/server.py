@@ -23,6 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid
 
+from fedeid.audit import record
 from fedeid.config import Config
 from fedeid.federated.arrays import record_to_state, spec_of, state_nbytes, state_to_record
 from fedeid.federated.checkpoints import RunDir, check_resumable, exclusive
@@ -210,7 +211,6 @@ def _run_federation(grid: Grid, cfg: Config, opts: RunOptions, on_round_end: Rou
         run_dir.write_metrics(cfg, history)
         log.info("round %d: %d/%s valid replies, %.1fs", server_round, row["valid_replies"], row["sampled"],
                  row["seconds"]["round"])
-        from fedeid.audit import record
         record("train.round", round=server_round, sites=[c.get("site-id", c.get("node")) for c in clients],
                rejected=len(row["rejected"]), bytes=row["bytes"], central_dp=row.get("central_dp"),
                local_dp=row.get("local_dp"))
@@ -227,7 +227,6 @@ def _run_federation(grid: Grid, cfg: Config, opts: RunOptions, on_round_end: Rou
     final_state = record_to_state(arrays)
     run_dir.write_metrics(cfg, history, summary)
     run_dir.save_final(cfg, final_state, {"rounds": cfg.fed.rounds, "summary": summary})
-    from fedeid.audit import record
     record("model.release", model=run_dir.global_path, mode="federated", rounds=cfg.fed.rounds, summary=summary)
     log.info("global model: %s", run_dir.global_path)
     return {"summary": summary, "history": history, "global": str(run_dir.global_path)}
