@@ -26,6 +26,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.deid_epochs=20 (repeatable)")
 
 
+def add_image_batch_args(p: argparse.ArgumentParser) -> None:
+    """IN, OUT and the output options of the commands that run :func:`transform_images`."""
+    p.add_argument("input", type=Path, help="folder (or single file) of images")
+    p.add_argument("output", type=Path, help="output folder (created; must lie outside IN)")
+    add_output_args(p)
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     """``--overwrite`` and ``--no-progress``, the same for every command that writes files."""
     p.add_argument("--overwrite", action="store_true",
@@ -67,8 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "that no fedeid run recorded in OUT/fedeid-manifest.json is never replaced "
                                    "without --overwrite. For DICOM in and DICOM out with header "
                                    "de-identification use `fedeid dicom deid`.")
-    p.add_argument("input", type=Path, help="folder (or single file) of images")
-    p.add_argument("output", type=Path, help="output folder (created; must lie outside IN)")
+    add_image_batch_args(p)
     p.add_argument("--model", required=True, type=Path, help="DeIdentifier checkpoint")
     p.add_argument("--reid", type=Path, help="this site's ReID checkpoint (for a global federated model)")
     p.add_argument("--level", required=True, type=float,
@@ -77,7 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS,
                    help="expect this method's checkpoint (default: whichever --model holds)")
     p.add_argument("--device", default="auto")
-    add_output_args(p)
     p.set_defaults(func=cmd_deid)
 
     p = sub.add_parser("evaluate", description="Train fedeid centrally (or load --model), then measure re-identification "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from fedeid.commands import add_output_args
+    from fedeid.commands import add_image_batch_args
 
     p = sub.add_parser("counterfactual", help="the same patient with another finding (method-B model)",
                        description="For every PNG/JPEG/TIFF/NPY/DICOM image under IN, set the given findings "
@@ -18,13 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "keep its identity and residual vectors, and write the change, added to the "
                                    "original, as 16-bit PNGs mirroring the tree under OUT. Bad files are "
                                    "reported and skipped; inputs are never modified.")
-    p.add_argument("input", type=Path, help="folder (or single file) of images")
-    p.add_argument("output", type=Path, help="output folder (created; must lie outside IN)")
+    add_image_batch_args(p)
     p.add_argument("--model", required=True, type=Path, help="method-B (replace) checkpoint")
     p.add_argument("--set-finding", dest="findings", action="append", required=True, metavar="NAME=0|1",
                    help="finding to set, e.g. cardiomegaly=0 (repeatable)")
     p.add_argument("--device", default="auto")
-    add_output_args(p)
     p.set_defaults(func=cmd_counterfactual)
 
 
