@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_image_batch_args(p)
     p.add_argument("--model", required=True, type=Path, help="DeIdentifier checkpoint")
     p.add_argument("--reid", type=Path, help="this site's ReID checkpoint (for a global federated model)")
+    p.add_argument("--prior", type=Path,
+                   help="this site's identity prior (for a global federated method-B model: identity_prior.pt "
+                        "in the site's state folder)")
     p.add_argument("--level", required=True, type=float,
                    help="privacy level in [0, 1]: fraction of patches blocked (method A), or how far the "
                         "identity moves towards a synthetic one (method B)")
@@ -175,13 +178,15 @@ def cmd_deid(args: argparse.Namespace) -> int:
         from fedeid.deid.pipeline import DeIdentifier
         from fedeid.eval.calibration import describe_level
 
-        deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method)
+        deidentifier = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method,
+                                         prior=args.prior)
         try:  # what the level bought on held-out patients, as measured when the model was evaluated
             print(describe_level(deidentifier.info.get("calibration"), args.level))
         except ValueError as exc:
             print(f"fedeid: {args.model}: calibration ignored: {exc}", file=sys.stderr)
         settings = {"level": args.level, "model_sha256": file_sha256(args.model),
-                    "reid_sha256": file_sha256(args.reid) if args.reid else None}
+                    "reid_sha256": file_sha256(args.reid) if args.reid else None,
+                    **({"prior_sha256": file_sha256(args.prior)} if args.prior else {})}
         return (lambda image: deidentifier.deidentify_native(image, args.level)[0]), settings
 
     done, kept, failed, manifest = transform_images(args, "deid", build, stage="de-identify")

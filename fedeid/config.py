@@ -78,6 +78,10 @@ class TrainConfig:
 class FederatedConfig:
     """Flower run settings (server/ and client/ read these)."""
 
+    # What the federation trains (fedeid.federated.methods): "blocking" (method A: decoupler +
+    # decoder travel) or "replace" (method B: encoder heads + generator travel; each site's
+    # identity prior stays at the site). Server and sites read it from the one Config.
+    method: str = "blocking"
     rounds: int = 6
     local_epochs: int = 3
     strategy: str = "fedavg"  # or "fedprox"

@@ -69,12 +69,13 @@ class DeIdentifier:
 
     @classmethod
     def load(cls, path: str | Path, reid: str | Path | None = None, device: str = "auto",
-             method: str | None = None) -> Any:
+             method: str | None = None, prior: str | Path | None = None) -> Any:
         """Rebuild from a checkpoint; ``reid`` names a site's ReID checkpoint when ``path`` has none.
 
         A method-B checkpoint (``method == "replace"``) gives a
-        :class:`fedeid.deid.replace.ReplaceDeIdentifier` (same surface; it needs no ReID network).
-        ``method``, when given, is what the caller expects the checkpoint to hold.
+        :class:`fedeid.deid.replace.ReplaceDeIdentifier` (same surface; it needs no ReID network);
+        ``prior`` names the site's identity prior when ``path`` (a global federated model) has
+        none. ``method``, when given, is what the caller expects the checkpoint to hold.
         """
         ckpt = load_checkpoint(path)
         if method is not None and ckpt["method"] != method:
@@ -82,7 +83,13 @@ class DeIdentifier:
         if ckpt["method"] == "replace":
             from fedeid.deid.replace import ReplaceDeIdentifier
 
-            return ReplaceDeIdentifier.from_checkpoint(ckpt, path, device)
+            if reid is not None:
+                raise InputError(reid, f"a ReID checkpoint goes with a method-A model; {path} is method B, "
+                                       "whose site part is its identity prior (--prior)")
+            return ReplaceDeIdentifier.from_checkpoint(ckpt, path, device, prior=prior)
+        if prior is not None:
+            raise InputError(prior, f"an identity prior goes with a method-B model; {path} is method A, "
+                                    "whose site part is its ReID network (--reid)")
         cfg: Config = ckpt["config_obj"]
         reid_state = ckpt["reid_state"]
         if reid is not None:

@@ -20,6 +20,7 @@ the original's pixels and resolution.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -75,21 +76,34 @@ class ReplaceDeIdentifier:
         self.info = dict(info or {})
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any], path: str | Path, device: str = "auto") -> ReplaceDeIdentifier:
-        """From a loaded method-B checkpoint (:func:`fedeid.checkpoint.load_checkpoint`)."""
+    def from_checkpoint(cls, ckpt: dict[str, Any], path: str | Path, device: str = "auto",
+                        prior: str | Path | None = None) -> ReplaceDeIdentifier:
+        """From a loaded method-B checkpoint (:func:`fedeid.checkpoint.load_checkpoint`).
+
+        ``prior`` names a site's identity-prior file (:func:`save_site_prior`): what a global
+        federated model needs, as method A's needs the site's ReID network. It must have been
+        fitted to exactly these weights (its identity vectors live in this encoder's space).
+        """
         cfg: Config = ckpt["config_obj"]
         extra = ckpt.get("extra") or {}
-        if "identity_prior" not in extra:
-            raise InputError(path, "method-B checkpoint holds no identity prior (a global federated model "
-                                   "needs the site's prior: it never leaves the site)")
+        prior_state, prior_path = extra.get("identity_prior"), path
+        if prior is not None:
+            prior_state, prior_path = load_site_prior(prior, ckpt["shared_state"], path), prior
+        if prior_state is None:
+            raise InputError(path, "method-B checkpoint holds no identity prior (a global federated model: the "
+                                   "prior never leaves its site); pass the site's prior too (--prior "
+                                   f"<site state>/{PRIOR})")
         model = ReplaceModel(cfg)
         try:
             load_replace_state(model, ckpt["shared_state"])
-            prior = IdentityPrior.from_state(extra["identity_prior"], cfg.model.reid_dim)
         except (ValueError, RuntimeError) as exc:
             raise InputError(path, f"weights do not fit the stored config: {exc}") from exc
+        try:
+            prior_obj = IdentityPrior.from_state(prior_state, cfg.model.reid_dim)
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise InputError(prior_path, f"identity prior does not fit the model: {exc}") from exc
         info = {k: v for k, v in extra.items() if k != "identity_prior"}
-        return cls(model, prior, cfg, device, tuple(ckpt["modalities"]), info)
+        return cls(model, prior_obj, cfg, device, tuple(ckpt["modalities"]), info)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """A site's self-describing checkpoint: heads + generator, the prior's bank and its calibration."""
@@ -188,6 +202,15 @@ def replace_method(deidentifier: ReplaceDeIdentifier, seed: int) -> Callable[[np
     return lambda images, level: deidentifier.deidentify(images, level, seed=seed)[0]
 
 
+def with_site_prior(model: ReplaceModel, data: ImageSet, cfg: Config, metrics: dict[str, float], *,
+                    device: str = "auto") -> tuple[ReplaceDeIdentifier, dict[str, Any]]:
+    """A trained model made a de-identifier with the prior fitted to its identity vectors of ``data``
+    (a site's own images): after central training, and at a site holding a federated global model."""
+    prior = fit_identity_prior(model, data, cfg)
+    summary = training_summary(metrics, prior)
+    return ReplaceDeIdentifier(model, prior, cfg, device, info=summary), summary
+
+
 def train_replace_deidentifier(data: ImageSet, cfg: Config, reid: ReIDNet | None = None, *, progress: bool = False,
                                device: str = "auto") -> tuple[ReplaceDeIdentifier, dict[str, Any]]:
     """Central training of method B on ``data``: the site ReID network (unless given), heads +
@@ -196,6 +219,42 @@ def train_replace_deidentifier(data: ImageSet, cfg: Config, reid: ReIDNet | None
         reid = train_reid(data, cfg, progress=progress)
     model = ReplaceModel(cfg)
     metrics = train_replace(model, reid, data, cfg, cfg.replace.epochs, progress=progress)
-    prior = fit_identity_prior(model, data, cfg)
-    summary = training_summary(metrics, prior)
-    return ReplaceDeIdentifier(model, prior, cfg, device, info=summary), summary
+    return with_site_prior(model, data, cfg, metrics, device=device)
+
+
+PRIOR = "identity_prior.pt"  # a site's prior for the federated global model, in its state folder
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of named weights (names, dtypes, shapes, values): which model a site prior belongs to."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_site_prior(path: str | Path, deidentifier: ReplaceDeIdentifier, **about: Any) -> None:
+    """A site's identity prior alone (no weights), bound by their digest to the weights it was fitted
+    to; ``about`` (plain values: what it was fitted on) is recorded beside it."""
+    payload = {"identity_prior": deidentifier.prior.state(),
+               "site_prior": {"model_sha256": weights_sha256(replace_state(deidentifier.model)), **about}}
+    save_checkpoint(path, deidentifier.cfg, modalities=deidentifier.modalities, extra=payload, method="replace")
+
+
+def load_site_prior(path: str | Path, shared: dict[str, torch.Tensor], model_path: str | Path) -> Any:
+    """The prior state in a site-prior file, refused unless it was fitted to the weights ``shared``."""
+    from fedeid.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    extra = ckpt.get("extra") or {}
+    if ckpt["method"] != "replace" or "identity_prior" not in extra:
+        raise InputError(path, "holds no method-B identity prior")
+    fitted_to = (extra.get("site_prior") or {}).get("model_sha256")
+    if fitted_to is None and ckpt["shared_state"]:  # a whole method-B checkpoint: its prior fits its own weights
+        fitted_to = weights_sha256(ckpt["shared_state"])
+    if fitted_to != weights_sha256(shared):
+        raise InputError(path, f"identity prior was fitted to other weights than {model_path}'s (identity "
+                               "vectors of another encoder live in another space); refit it on this model")
+    return extra["identity_prior"]

@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="this site's ReID checkpoint, when --model is a global federated model without one",
     )
     deid.add_argument(
+        "--prior",
+        metavar="CKPT",
+        help="this site's identity prior (identity_prior.pt in its state folder), when --model is a "
+             "global federated method-B model without one",
+    )
+    deid.add_argument(
         "--secret-file",
         required=True,
         metavar="FILE",
@@ -156,8 +162,9 @@ def _deid(args: argparse.Namespace) -> int:
         clean_graphics=args.clean_graphics,
         safe_private=read_safe_private(args.safe_private) if args.safe_private else frozenset(),
     )
-    if args.reid is not None and args.model is None:
-        raise ValueError("--reid goes with --model (pixel mode)")
+    for flag, value in (("--reid", args.reid), ("--prior", args.prior)):
+        if value is not None and args.model is None:
+            raise ValueError(f"{flag} goes with --model (pixel mode)")
     if (args.model is None) != (args.level is None):
         raise ValueError("pixel mode needs both --model and --level; leave both out for header-only mode")
     keyring = Keyring(load_secret(args.secret_file))
@@ -165,7 +172,8 @@ def _deid(args: argparse.Namespace) -> int:
     if args.model is not None:
         from fedeid.deid.pipeline import DeIdentifier
 
-        model = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method)
+        model = DeIdentifier.load(args.model, reid=args.reid, device=args.device, method=args.method,
+                                  prior=args.prior)
     if args.max_mb < 1:
         raise ValueError("--max-mb must be at least 1")
     runner = DicomDeidentifier(

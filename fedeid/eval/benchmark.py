@@ -36,12 +36,25 @@ def train_central(train: ImageSet, cfg: Config, progress: bool = True) -> tuple[
     return DeIdentifier.from_models(model, reid, cfg), metrics
 
 
-def methods_for(deidentifier: DeIdentifier, cfg: Config) -> dict[str, Method]:
-    """fedeid plus the configured model-free and blocking baselines, all on the same images."""
-    methods: dict[str, Method] = {"fedeid": deid_method(deidentifier)}
+def method_name(deidentifier: Any) -> str:
+    """The report's name of a trained de-identifier: ``fedeid`` (method A) or ``replace`` (method B,
+    the name it has beside method A in the central benchmark)."""
+    return "replace" if getattr(deidentifier, "method", "blocking") == "replace" else "fedeid"
+
+
+def methods_for(deidentifier: Any, cfg: Config) -> dict[str, Method]:
+    """The trained method plus the configured model-free and blocking baselines, all on the same images.
+
+    A method-B de-identifier is scored with reproducible identity draws (:func:`replace_method`);
+    the ``block`` baseline needs method A's ReID-ranked blocking and is left out beside it.
+    """
+    main = method_name(deidentifier)
+    methods: dict[str, Method] = {main: replace_method(deidentifier, cfg.train.seed) if main == "replace"
+                                  else deid_method(deidentifier)}
     for name in cfg.eval.baselines:
         if name == "block":
-            methods["block"] = deid_method(deidentifier, compensate=False)
+            if main == "fedeid":
+                methods["block"] = deid_method(deidentifier, compensate=False)
         elif name in IMAGE_BASELINES:
             methods[name] = baseline_method(name, cfg.data.seed)
         elif name not in TRAINED_SEPARATELY:  # see run_central_benchmark
@@ -50,21 +63,30 @@ def methods_for(deidentifier: DeIdentifier, cfg: Config) -> dict[str, Method]:
     return methods
 
 
-def evaluate_and_report(deidentifier: DeIdentifier, train: ImageSet, test: ImageSet, cfg: Config,
+def evaluate_and_report(deidentifier: Any, train: ImageSet, test: ImageSet, cfg: Config,
                         out_dir: str | Path, extra_methods: dict[str, Method] | None = None,
                         extra: dict[str, Any] | None = None, progress: bool = True,
-                        counterfactuals: Any | None = None) -> dict[str, Any]:
-    """``counterfactuals``: a method-B de-identifier whose counterfactuals are measured too."""
+                        counterfactuals: Any | None = None, evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """Score ``deidentifier`` (method A or B) beside the baselines and ``extra_methods``; write the report.
+
+    ``counterfactuals``: a method-B de-identifier whose counterfactuals are measured too (by
+    default ``deidentifier`` itself when it is one). ``evaluator``: a prepared
+    :class:`Evaluator` on ``train``/``test``/``cfg`` (``fedeid simulate`` passes one that skips
+    the adaptive attacker).
+    """
     t0 = time.perf_counter()
-    evaluator = Evaluator(train, test, cfg, progress=progress)
+    evaluator = evaluator or Evaluator(train, test, cfg, progress=progress)
+    main = method_name(deidentifier)
     methods = methods_for(deidentifier, cfg) | (extra_methods or {})
     results = evaluator.run(methods, cfg.eval.levels)
-    evaluator.write_grid({"fedeid": methods["fedeid"], **(extra_methods or {})}, Path(out_dir) / "grid.png")
+    evaluator.write_grid({main: methods[main], **(extra_methods or {})}, Path(out_dir) / "grid.png")
+    if counterfactuals is None and main == "replace":
+        counterfactuals = deidentifier
     if counterfactuals is not None:
         results["counterfactuals"] = counterfactual_figures(counterfactuals, test, evaluator.classifier,
                                                             evaluator.suite.learned_net, evaluator.gallery,
                                                             evaluator.queries, evaluator.device)
-    results["acceptance"] = acceptance(results)
+    results["acceptance"] = acceptance(results, main)
     results["config"] = cfg.to_dict()
     results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
     results.update(extra or {})

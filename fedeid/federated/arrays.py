@@ -1,8 +1,10 @@
 """What travels, and the checks that nothing else does.
 
 A train reply from a site is a :class:`~flwr.app.RecordDict` with exactly two records:
-``"arrays"`` — an :class:`~flwr.app.ArrayRecord` whose names, shapes and dtypes equal
-:func:`fedeid.models.shared_state` (the decoupler and decoder, nothing else), and ``"metrics"`` —
+``"arrays"`` — an :class:`~flwr.app.ArrayRecord` whose names, shapes and dtypes equal the shared
+state of the method the run federates (method A: :func:`fedeid.models.shared_state`, the
+decoupler and decoder; method B: :func:`fedeid.models.replace.replace_state`, the encoder heads
+and generator; nothing else), and ``"metrics"`` —
 a :class:`~flwr.app.MetricRecord` of scalars. :func:`reply_problems` is checked by the server on
 every reply (a reply that fails is dropped and counted as a failure) and by the tests.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedeid.models.deid_model import SHARED_PREFIXES
+from fedeid.models import deid_model, replace
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -27,11 +29,14 @@ WEIGHT_KEY = "num-examples"
 REFUSED = "refused by site policy"
 
 Spec = dict[str, tuple[tuple[int, ...], str]]
+#: The names each method's shared state may hold (fedeid.config.METHODS): what may travel.
+METHOD_PREFIXES: dict[str, tuple[str, ...]] = {"blocking": deid_model.SHARED_PREFIXES,
+                                               "replace": replace.SHARED_PREFIXES}
 
 
-def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """A decoupler/decoder state (in its order) -> ArrayRecord; refuses any other tensor."""
-    foreign = [k for k in state if not k.startswith(SHARED_PREFIXES)]
+def state_to_record(state: Mapping[str, torch.Tensor], method: str = "blocking") -> ArrayRecord:
+    """A ``method``'s shared state (in its order) -> ArrayRecord; refuses any other tensor."""
+    foreign = [k for k in state if not k.startswith(METHOD_PREFIXES[method])]
     if foreign:
         raise ValueError(f"refusing to send non-shared tensors: {foreign[:3]}")
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in state.items()})
@@ -67,9 +72,19 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def method_of(names: Any) -> str | None:
+    """The method whose shared state these array names belong to (None: no one method's)."""
+    names = list(names)
+    found = [m for m, prefixes in METHOD_PREFIXES.items() if names and all(n.startswith(prefixes) for n in names)]
+    return found[0] if len(found) == 1 else None
+
+
 def spec_problems(record: ArrayRecord, expected: Spec) -> list[str]:
     got = record_spec(record)
     problems = []
+    theirs, ours = method_of(got), method_of(expected)
+    if theirs is not None and ours is not None and theirs != ours:  # say it first: the rest is its consequence
+        problems.append(f"arrays of method {theirs!r}, expected method {ours!r} (fed.method)")
     extra = sorted(set(got) - set(expected))
     missing = sorted(set(expected) - set(got))
     if extra:

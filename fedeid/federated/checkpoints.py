@@ -17,8 +17,10 @@ consistent last round, and no released model is missing from the accountant.
 Only one ServerApp may write a folder: :func:`exclusive` takes an ``fcntl.flock`` on
 ``<out>/.lock`` for the ServerApp's life; a second one fails at once. The kernel drops the lock
 when its process dies, so a crashed server never leaves a stale lock behind.
-``global.pt`` is loadable by :meth:`fedeid.deid.pipeline.DeIdentifier.load` together with a
-site's ReID checkpoint (``DeIdentifier.load("global.pt", reid="site-0/reid.pt")``).
+``global.pt`` is loadable by :meth:`fedeid.deid.pipeline.DeIdentifier.load` together with the
+site's own part: its ReID checkpoint for method A (``DeIdentifier.load("global.pt",
+reid="site-0/reid.pt")``), its identity prior for method B (``prior="site-0/identity_prior.pt"``).
+Checkpoints record the method (``fed.method``) they hold.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class RunDir:
                    history: list[dict[str, Any]], accountant: dict[str, Any] | None,
                    summary: dict[str, Any] | None = None) -> Path:
         path = self.round_path(server_round)
-        save_checkpoint(path, cfg, shared=state, extra={"federated": _plain({
+        save_checkpoint(path, cfg, shared=state, method=cfg.fed.method, extra={"federated": _plain({
             "round": server_round, "rounds": cfg.fed.rounds, "central_dp": accountant})})
         self.write_metrics(cfg, history, summary)
         atomic_write_json(self.state_path, {"round": server_round, "checkpoint": str(path.relative_to(self.root))})
@@ -96,7 +98,7 @@ class RunDir:
                 "central_dp": fed.get("central_dp")}
 
     def save_final(self, cfg: Config, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> Path:
-        save_checkpoint(self.global_path, cfg, shared=state, extra={"federated": _plain(extra)})
+        save_checkpoint(self.global_path, cfg, shared=state, method=cfg.fed.method, extra={"federated": _plain(extra)})
         return self.global_path
 
 
@@ -110,7 +112,10 @@ def check_resumable(saved: Config, current: Config, path: Path, *, force: bool =
     reported for the run describe a mechanism that was not the one applied. With ``force`` the
     change is allowed and logged; the ε already spent is kept by the caller either way.
     """
-    for section in ("model", "data"):
+    if saved.fed.method != current.fed.method:
+        raise InputError(path, f"cannot resume: the checkpoint holds a {saved.fed.method!r} model, this run "
+                               f"trains {current.fed.method!r} (fed.method)")
+    for section in ("model", "data") + (("replace",) if current.fed.method == "replace" else ()):
         if getattr(saved, section) != getattr(current, section):
             raise InputError(path, f"cannot resume: the {section} configuration differs from the checkpoint's")
     changed = [f"privacy.{k} {getattr(saved.privacy, k)!r} -> {getattr(current.privacy, k)!r}"

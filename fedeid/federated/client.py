@@ -15,8 +15,14 @@ simulation on one machine — ``<fedeid.out-dir>/sites/site-<id>``; a real Super
   taken on this site's data, so ε accumulates across rounds (and runs, and restarts); mirrored
   in ``context.state``.
 
-A train reply holds exactly the decoupler/decoder arrays and scalar metrics (see
-:mod:`fedeid.federated.arrays`); an evaluate reply holds scalar metrics only.
+* ``identity_prior.pt`` — under method B (``fed.method=replace``), the site's identity prior
+  fitted to the latest global model it evaluated (:func:`site_prior`); with ``global.pt`` it is
+  the site's de-identifier (``fedeid deid --model global.pt --prior identity_prior.pt``). It
+  never leaves the site.
+
+A train reply holds exactly the shared arrays of the configured method (decoupler/decoder, or
+encoder heads/generator) and scalar metrics (see :mod:`fedeid.federated.arrays`); an evaluate
+reply holds scalar metrics only.
 
 The site's own privacy policy (node config ``require-local-dp``, ``min-noise-multiplier``,
 ``epsilon-budget``, ``max-delta``; :class:`fedeid.privacy.local.SitePolicy`) is checked before
@@ -42,6 +48,7 @@ from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.federated.arrays import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, REFUSED, record_to_state, scalar_metrics,
                                      spec_of, spec_problems, state_to_record)
+from fedeid.federated.methods import federated_method
 from fedeid.federated.runconfig import RunOptions, config_from_run, run_options
 from fedeid.io import InputError, atomic_write_json
 from fedeid.privacy.accountant import History, history_from_flat, history_to_flat
@@ -205,19 +212,47 @@ def _setup(msg: Message, context: Context) -> tuple[Config, RunOptions, int, Pat
 
 
 def _global_model(cfg: Config, msg: Message) -> tuple[Any, dict[str, torch.Tensor]]:
-    from fedeid.models.deid_model import build_deid_model, load_shared_state, shared_state
-
+    """The received global model of the configured method, refused unless its arrays fit this site's."""
+    method = federated_method(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_deid_model(cfg)
+    model = method.build(cfg)
     incoming = msg.content.array_records.get(ARRAYS_KEY)
     if incoming is None:
         raise ValueError("message carries no 'arrays' record")
-    problems = spec_problems(incoming, spec_of(shared_state(model)))
+    problems = spec_problems(incoming, spec_of(method.shared(model)))
     if problems:
-        raise ValueError("global arrays do not fit this site's model: " + "; ".join(problems[:5]))
+        raise ValueError(f"global arrays do not fit this site's {method.name} model: " + "; ".join(problems[:5]))
     state = record_to_state(incoming)
-    load_shared_state(model, state)
+    method.load(model, state)
     return model, state
+
+
+def site_prior(cfg: Config, model: Any, data: ImageSet, sdir: Path, site: int) -> Any:
+    """This site's method-B de-identifier for the global ``model``: the identity prior fitted to the
+    global encoder's identity vectors of the site's own images (``with_site_prior``, as after
+    central training), kept in ``identity_prior.pt`` and reused while the weights and data are the
+    same. The prior never leaves the site (see :mod:`fedeid.federated.methods`)."""
+    from fedeid.checkpoint import load_checkpoint
+    from fedeid.deid.replace import (PRIOR, ReplaceDeIdentifier, load_site_prior, replace_state, save_site_prior,
+                                     with_site_prior)
+    from fedeid.models.identity_prior import IdentityPrior
+
+    path = sdir / PRIOR
+    fp = _fingerprint(cfg.replace, reid_fingerprint(cfg, data))
+    shared = replace_state(model)
+    if path.exists():
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt["extra"].get("site_prior", {}).get("data") == fp:
+                state = load_site_prior(path, shared, "the global model")
+                return ReplaceDeIdentifier(model, IdentityPrior.from_state(state, cfg.model.reid_dim), cfg,
+                                           cfg.train.device)
+        except (InputError, ValueError) as exc:
+            log.info("site %d: %s is not for this global model (%s): refitting", site, path, exc)
+    t0 = time.perf_counter()
+    deidentifier, _ = with_site_prior(model, data, cfg, {}, device=cfg.train.device)
+    save_site_prior(path, deidentifier, data=fp, site=site, images=len(data), fit_seconds=time.perf_counter() - t0)
+    return deidentifier
 
 
 def _site_model(cfg: Config, site: int, sdir: Path, data: ImageSet, msg: Message
@@ -235,10 +270,8 @@ def refuse(msg: Message, site: int, why: str) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train the received decoupler + decoder on this site's data; reply with them and scalars."""
-    from fedeid.models.deid_model import shared_state
-    from fedeid.train import train_deid
-
+    """Train the received shared part (method A: decoupler + decoder; method B: encoder heads +
+    generator) on this site's data; reply with it and scalars."""
     t0 = time.perf_counter()
     cfg, opts, site, sdir, data = _setup(msg, context)
     conf = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
@@ -248,12 +281,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     why = policy.refusal(cfg, len(data), epochs, ledger)
     if why is not None:  # before the model is even loaded: nothing is trained, nothing is sent
         return refuse(msg, site, why)
+    method = federated_method(cfg)
     reid, model, state, conf = _site_model(cfg, site, sdir, data, msg)
     mu = float(conf.get("proximal-mu", 0.0))  # type: ignore[arg-type]
     private = make_private(cfg, ledger)
     try:
-        metrics: dict[str, Any] = train_deid(model, reid, data, cfg, epochs, private=private, proximal_mu=mu,
-                                             global_state=state if mu > 0 else None)
+        metrics: dict[str, Any] = method.train(model, reid, data, cfg, epochs, private=private, proximal_mu=mu,
+                                               global_state=state if mu > 0 else None)
     finally:
         if private is not None:
             private.close()
@@ -266,21 +300,24 @@ def handle_train(msg: Message, context: Context) -> Message:
         metrics.update(epsilon=eps, dp_steps=private.steps_this_round, dp_delta=cfg.privacy.delta)
     metrics.update(site_id=site, handler_seconds=time.perf_counter() - t0,
                    round=int(conf.get("server-round", 0)))  # type: ignore[arg-type]
-    content = RecordDict({ARRAYS_KEY: state_to_record(shared_state(model)), METRICS_KEY: scalar_metrics(metrics)})
+    shared = method.shared(model)
+    content = RecordDict({ARRAYS_KEY: state_to_record(shared, method.name), METRICS_KEY: scalar_metrics(metrics)})
     from fedeid.audit import record
     from fedeid.federated.arrays import state_nbytes
-    record("train.round.site", state=sdir, bytes_sent=state_nbytes(shared_state(model)), metrics_sent=sorted(metrics),
+    record("train.round.site", state=sdir, bytes_sent=state_nbytes(shared), metrics_sent=sorted(metrics),
            **{k: metrics.get(k) for k in ("round", "site_id", "num_examples", "epsilon", "dp_delta")})
     return Message(content, reply_to=msg)
 
 
-def local_figures(deidentifier: Any, data: ImageSet, level: float, max_images: int = 96) -> dict[str, float]:
+def local_figures(deidentifier: Any, reid: Any, findings: Any, data: ImageSet, level: float,
+                  max_images: int = 96) -> dict[str, float]:
     """Privacy/utility on the site's own data with the site's own networks (no training).
 
-    Privacy: the site's ReID network as attacker — P@1 of de-identified images (each patient's
-    second half) against the originals of the first half, and the same for the originals.
-    Utility: macro AUC of the decoupler's finding head read from the de-identified images
-    (medical content that survives), and on the originals. Quality: SSIM.
+    Privacy: the site's ReID network ``reid`` as attacker — P@1 of de-identified images (each
+    patient's second half) against the originals of the first half, and the same for the originals.
+    Utility: macro AUC of the model's own finding head (``findings``: images -> logits; method A's
+    decoupler, method B's medical vector) read from the de-identified images (medical content that
+    survives), and on the originals. Quality: SSIM.
     """
     from fedeid.eval.metrics import macro_auc, reid_metrics, ssim
     from fedeid.eval.report import split_gallery
@@ -292,15 +329,13 @@ def local_figures(deidentifier: Any, data: ImageSet, level: float, max_images: i
     out, mask = deidentifier.deidentify(data.images, level)
     gallery, queries = split_gallery(data)
     dev = deidentifier.device
-    reid = deidentifier.reid
     model = deidentifier.model
     emb_orig = batched(reid, as_tensor(data.images), dev).numpy()
     emb_deid = batched(reid, as_tensor(out), dev).numpy()
     ids = data.patient_ids
 
     def finding_scores(images: np.ndarray) -> np.ndarray:
-        fn = lambda x: model.decoupler.finding_logits(model.decoupler(model.encode(x)).mu)  # noqa: E731
-        return torch.sigmoid(batched(fn, as_tensor(images), dev)).numpy()
+        return torch.sigmoid(batched(lambda x: findings(model, x), as_tensor(images), dev)).numpy()
 
     figures: dict[str, float] = {"eval_level": float(level), "blocked_fraction": float(mask.mean())}
     if len(queries):
@@ -318,13 +353,22 @@ def local_figures(deidentifier: Any, data: ImageSet, level: float, max_images: i
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
-    """Local privacy/utility figures of the received global model with this site's ReID."""
+    """Local privacy/utility figures of the received global model with this site's ReID (method B:
+    with the site's identity prior fitted to it, kept for the site's own de-identification)."""
     from fedeid.deid.pipeline import DeIdentifier
 
     t0 = time.perf_counter()
     cfg, opts, site, sdir, data = _setup(msg, context)
+    method = federated_method(cfg)
     reid, model, _, conf = _site_model(cfg, site, sdir, data, msg)
     level = float(conf.get("eval-level", opts.eval_level))  # type: ignore[arg-type]
-    figures = local_figures(DeIdentifier.from_models(model, reid, cfg, device=cfg.train.device), data, level)
-    figures.update(num_examples=len(data), site_id=site, handler_seconds=time.perf_counter() - t0)
+    prior_figures: dict[str, float] = {}
+    if method.name == "replace":
+        deidentifier = site_prior(cfg, model, data, sdir, site)
+        report = deidentifier.prior.report
+        prior_figures = {"prior_margin": report.margin, "prior_rejection_rate": report.rejection_rate}
+    else:
+        deidentifier = DeIdentifier.from_models(model, reid, cfg, device=cfg.train.device)
+    figures = local_figures(deidentifier, reid, method.findings, data, level)
+    figures.update(**prior_figures, num_examples=len(data), site_id=site, handler_seconds=time.perf_counter() - t0)
     return Message(RecordDict({METRICS_KEY: scalar_metrics(figures)}), reply_to=msg)

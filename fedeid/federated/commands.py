@@ -7,6 +7,11 @@ the same evaluation as ``fedeid evaluate`` (:func:`fedeid.eval.benchmark.evaluat
 and writes into ``--out``: ``results.json`` + ``privacy_utility.png`` (the report),
 ``federated.json`` (per-round metrics, bytes, timings, ε), ``federated_rounds.png``, and
 ``federation/`` (round checkpoints, ``global.pt``, each site's ``reid.pt``).
+
+``--method replace`` federates method B instead (``fed.method``): the sites train the encoder
+heads and generator; site 0's identity prior, fitted to the global model on its own images and
+kept in ``federation/sites/site-0/identity_prior.pt``, de-identifies the held-out patients, and
+the report holds method B's curve (as ``replace``) and its counterfactual figures.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from fedeid.io import atomic_write_json
 
 def register(sub: argparse._SubParsersAction) -> None:
     from fedeid.commands import add_config_args
+    from fedeid.config import METHODS
 
     p = sub.add_parser(
         "simulate", help="federated training over simulated hospitals (Flower), then the report",
@@ -35,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("flwr", "inprocess"), default="flwr",
                    help="flwr: Flower simulation runtime (SuperLink + Ray, default); inprocess: same apps "
                         "called in this process, no Ray")
+    p.add_argument("--method", choices=METHODS,
+                   help="what the sites train (fed.method): blocking = method A (decoupler + decoder travel, "
+                        "default); replace = method B (encoder heads + generator travel; each site's identity "
+                        "prior stays at the site)")
     p.add_argument("--sites", type=int, help="number of simulated hospitals (data.n_sites)")
     p.add_argument("--rounds", type=int, help="federated rounds (fed.rounds)")
     p.add_argument("--privacy", choices=("none", "central", "local"), help="differential privacy (privacy.mode)")
@@ -142,6 +152,8 @@ def _config(args: argparse.Namespace) -> Any:
     from fedeid.commands import config_from_args
 
     cfg = config_from_args(args)
+    if args.method is not None:
+        cfg.set("fed.method", args.method)
     if args.sites is not None:
         cfg.set("data.n_sites", args.sites)
     if args.rounds is not None:
@@ -162,7 +174,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    print(f"federated simulation: {cfg.data.n_sites} sites, {cfg.fed.rounds} rounds x {cfg.fed.local_epochs} "
+    print(f"federated simulation of method {cfg.fed.method}: {cfg.data.n_sites} sites, {cfg.fed.rounds} rounds x {cfg.fed.local_epochs} "
           f"local epochs, {cfg.fed.strategy}, privacy={cfg.privacy.mode}, engine={args.engine}", file=sys.stderr)
     fed = simulate(cfg, out, engine=args.engine, resume=args.resume)
     fed_summary = federated_summary(fed, cfg)
@@ -179,20 +191,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def evaluate_global(cfg: Any, fed: dict[str, Any], out: Path, site: int = 0, adaptive: bool = False,
                     progress: bool = True) -> dict[str, Any]:
-    """The held-out evaluation of the global model with site ``site``'s ReID (fedeid.eval).
+    """The held-out evaluation of the global model as site ``site`` would use it (fedeid.eval).
 
-    The same :class:`fedeid.eval.report.Evaluator`, methods and report writer as ``fedeid
-    evaluate``; the no-decoupler ablation (a second training) is left out, and so is the adaptive
-    attacker unless ``adaptive`` (it retrains attacker and classifier for every method and level:
-    most of the evaluation's time on 2 cores).
+    Method A with the site's ReID network; method B with the site's identity prior, fitted to the
+    global model on the site's own images (:func:`fedeid.federated.client.site_prior`: the one the
+    site wrote at its last evaluate step, else fitted now) and loaded the way a site loads it
+    (``DeIdentifier.load(global.pt, prior=...)``). Then the report path of ``fedeid evaluate``
+    (:func:`fedeid.eval.benchmark.evaluate_and_report`: same evaluator, baselines, picture grid,
+    method B's counterfactual figures); the no-decoupler ablation (a second training) is left out,
+    and so is the adaptive attacker unless ``adaptive`` (it retrains attacker and classifier for
+    every method and level: most of the evaluation's time on 2 cores).
     """
-    import time
-
     from fedeid.data.imageset import ImageSet
     from fedeid.data.synthetic import generate
     from fedeid.deid.pipeline import DeIdentifier
-    from fedeid.eval.benchmark import methods_for
-    from fedeid.eval.report import Evaluator, acceptance, summary_table, write_report
+    from fedeid.eval.benchmark import evaluate_and_report
+    from fedeid.eval.report import Evaluator
 
     use_adaptive = adaptive
 
@@ -200,24 +214,36 @@ def evaluate_global(cfg: Any, fed: dict[str, Any], out: Path, site: int = 0, ada
         def score(self, method: Any, level: float, adaptive: bool = True) -> dict[str, float]:
             return super().score(method, level, adaptive=adaptive and use_adaptive)
 
-    t0 = time.perf_counter()
     sites, test = generate(cfg.data)
-    deid = DeIdentifier.load(fed["paths"]["global"], reid=fed["paths"]["site_reid"][site], device=cfg.train.device)
+    sdir = Path(fed["paths"]["site_reid"][site]).parent
+    extra: dict[str, Any] = {"mode": "federated", "reid_site": site, "adaptive_attacker": adaptive,
+                             "federated": federated_summary(fed, cfg)}
+    if cfg.fed.method == "replace":
+        prior = site_prior_path(cfg, fed["paths"]["global"], sites[site], sdir, site)
+        deid = DeIdentifier.load(fed["paths"]["global"], prior=prior, device=cfg.train.device, method="replace")
+        extra["replace"] = {"identity_prior": dict(vars(deid.prior.report)), "prior_site": site}
+    else:
+        deid = DeIdentifier.load(fed["paths"]["global"], reid=fed["paths"]["site_reid"][site],
+                                 device=cfg.train.device, method="blocking")
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.eval.baselines = tuple(b for b in cfg.eval.baselines if b != "no_decoupler")
-    evaluator = _Evaluator(ImageSet.concat(sites), test, eval_cfg, progress=progress)
-    methods = methods_for(deid, eval_cfg)
-    results = evaluator.run(methods, eval_cfg.eval.levels)
-    evaluator.write_grid({"fedeid": methods["fedeid"]}, out / "grid.png")
-    results["acceptance"] = acceptance(results)
-    results["config"] = cfg.to_dict()
-    results["timing"] = {"evaluation_seconds": time.perf_counter() - t0}
-    results.update({"mode": "federated", "reid_site": site, "adaptive_attacker": adaptive,
-                    "federated": federated_summary(fed, cfg)})
-    paths = write_report(results, out)
-    print(summary_table(results))
-    print(f"report: {paths['json']}  plot: {paths['png']}")
-    return results
+    train = ImageSet.concat(sites)
+    return evaluate_and_report(deid, train, test, eval_cfg, out, extra=extra, progress=progress,
+                               evaluator=_Evaluator(train, test, eval_cfg, progress=progress))
+
+
+def site_prior_path(cfg: Any, global_path: str | Path, data: Any, sdir: Path, site: int) -> Path:
+    """Site ``site``'s identity prior for the method-B model at ``global_path``, as the site keeps it."""
+    from fedeid.checkpoint import load_checkpoint
+    from fedeid.deid.replace import PRIOR
+    from fedeid.federated.client import site_prior
+    from fedeid.federated.methods import federated_method
+
+    method = federated_method(cfg)
+    model = method.build(cfg)
+    method.load(model, load_checkpoint(global_path)["shared_state"])
+    site_prior(cfg, model, data, sdir, site)
+    return sdir / PRIOR
 
 
 def federated_summary(fed: dict[str, Any], cfg: Any) -> dict[str, Any]:

@@ -27,10 +27,10 @@ from fedeid.audit import record
 from fedeid.config import Config
 from fedeid.federated.arrays import record_to_state, spec_of, state_nbytes, state_to_record
 from fedeid.federated.checkpoints import RunDir, check_resumable, exclusive
+from fedeid.federated.methods import federated_method
 from fedeid.federated.runconfig import RunOptions, config_from_run, run_options
 from fedeid.federated.secagg import secure_train_round
 from fedeid.federated.strategy import make_strategy
-from fedeid.models.deid_model import build_deid_model, shared_state
 from fedeid.privacy.accountant import CentralAccountant
 
 log = logging.getLogger("fedeid.federated")
@@ -46,15 +46,16 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
 
 
 def initial_model(cfg: Config) -> torch.nn.Module:
+    """Round 1's global model: a fresh network of the configured method (``fed.method``), seeded."""
     torch.manual_seed(cfg.train.seed)
-    return build_deid_model(cfg)
+    return federated_method(cfg).build(cfg)
 
 
 def full_model_bytes(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
     """Sizes for the bytes-per-round comparison: what is sent vs the whole de-identifier."""
     from fedeid.deid.pipeline import build_site_reid
 
-    shared = state_nbytes(shared_state(model))  # type: ignore[arg-type]
+    shared = state_nbytes(federated_method(cfg).shared(model))
     everything = state_nbytes(model.state_dict())
     reid = state_nbytes(build_site_reid(cfg).state_dict())
     return {"shared_bytes": shared, "deid_model_bytes": everything, "reid_bytes": reid,
@@ -120,8 +121,9 @@ def _run_federation(grid: Grid, cfg: Config, opts: RunOptions, on_round_end: Rou
                     ) -> dict[str, Any]:
     torch.set_num_threads(max(1, opts.threads))
     run_dir = RunDir(opts.out_dir)
+    method = federated_method(cfg)
     model = initial_model(cfg)
-    state = shared_state(model)
+    state = method.shared(model)
     expected = spec_of(state)
     sizes = full_model_bytes(cfg, model)
     start, history, acc_state = 1, [], None
@@ -140,7 +142,7 @@ def _run_federation(grid: Grid, cfg: Config, opts: RunOptions, on_round_end: Rou
     strategy = make_strategy(cfg, expected, min_replies=opts.min_replies,
                              accountant=accountant if cfg.privacy.mode == "central" else None,
                              evaluate=opts.evaluate)
-    arrays = state_to_record(state)
+    arrays = state_to_record(state, method.name)
     t_run = time.perf_counter()
     for server_round in range(start, cfg.fed.rounds + 1):
         log.info("[ROUND %d/%d]", server_round, cfg.fed.rounds)

@@ -44,6 +44,8 @@ from fedeid.config import Config
 from fedeid.models.backbone import conv_block
 from fedeid.models.deid_model import cfg_findings
 
+# What travels and what a checkpoint holds: the names of :meth:`ReplaceModel.trainable`'s state.
+SHARED_PREFIXES = ("heads.", "generator.")
 _GRID = 4  # both encoder branches are pooled to this grid before the heads (keeps where things are)
 _START = 4  # the generator starts from a 4x4 map
 
