@@ -1,4 +1,5 @@
-"""ServerApp: aggregates only the decoupler and decoder of every site (see fedeid.federated.server).
+"""ServerApp: aggregates only the shared part of every site's model (see fedeid.federated.server):
+method A's decoupler and decoder, or method B's encoder heads and generator (``fed.method``).
 
 Run with ``flwr run . <connection>``; the run config (``[tool.flwr.app.config]``) carries the
 Config keys and the ``fedeid.*`` options (out-dir, resume, round-timeout, ...).

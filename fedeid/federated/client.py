@@ -366,7 +366,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if method.name == "replace":
         deidentifier = site_prior(cfg, model, data, sdir, site)
         report = deidentifier.prior.report
-        prior_figures = {"prior_margin": report.margin, "prior_rejection_rate": report.rejection_rate}
+        # TPR at the margin: whether the (federated) identity vectors separate this site's patients
+        prior_figures = {"prior_margin": report.margin, "prior_tpr_at_margin": report.tpr_at_margin,
+                         "prior_rejection_rate": report.rejection_rate}
     else:
         deidentifier = DeIdentifier.from_models(model, reid, cfg, device=cfg.train.device)
     figures = local_figures(deidentifier, reid, method.findings, data, level)

@@ -1,8 +1,8 @@
 """The server's strategy: Flower's FedAvg / FedProx plus what fedeid needs around them.
 
 * **Contract.** Every reply is checked with :func:`fedeid.federated.arrays.reply_problems`:
-  exactly the decoupler/decoder arrays (names, shapes, dtypes of the global model) and scalar
-  metrics. A reply that breaks it is dropped.
+  exactly the global model's shared arrays (names, shapes, dtypes: decoupler/decoder, or under
+  method B encoder heads/generator) and scalar metrics. A reply that breaks it is dropped.
 * **Values.** Then :func:`fedeid.federated.screen.screen`: finite arrays, an update-norm bound
   (with or without DP), ``num-examples`` claims capped (or equal weights). Every dropped reply
   is logged with its node, site and reason and counted per kind in the round's ``rejected`` /

@@ -21,9 +21,10 @@ by nearest-neighbour resize then convolution (no transposed-convolution checkerb
 full image size, with the code injected at every scale (FiLM). Only GroupNorm, and nothing mixes
 samples, so Opacus' per-sample DP-SGD applies as it does to method A.
 
-What would travel in a federation (:func:`replace_state`): the encoder heads and the generator,
-nothing else. What stays at the site: its ReID network and its patients' proxies (both are
-identities), and the identity prior — the mixture is fitted to real patients' identity vectors
+What travels in a federation (:func:`replace_state`, ``fed.method=replace``; see
+:mod:`fedeid.federated.methods`): the encoder heads and the generator, nothing else. What
+stays at the site: its ReID network and its patients' proxies (both are identities), and the
+identity prior — the mixture is fitted to real patients' identity vectors
 and its margin calibrated on their pairs; only the bank of accepted synthetic identities is kept,
 and only in the site's own checkpoint. The shared generator is itself a risk worth naming: it
 renders whatever identity vector it is given, so whoever holds a real patient's identity vector
