@@ -151,3 +151,12 @@ def test_resuming_with_the_other_method_is_refused(tmp_path):
     from fedeid.federated.methods import federated_method
     with pytest.raises(ValueError, match="fed.method 'bogus' is not one of blocking, replace"):
         federated_method(current)
+
+
+def test_dicom_deid_takes_a_site_prior_only_with_a_model(tmp_path, capsys):
+    from fedeid.cli import main
+
+    (tmp_path / "in").mkdir()
+    assert main(["dicom", "deid", str(tmp_path / "in"), str(tmp_path / "out"), "--prior", str(tmp_path / "p.pt"),
+                 "--secret-file", str(tmp_path / "secret")]) == 2
+    assert "--prior goes with --model" in capsys.readouterr().err
