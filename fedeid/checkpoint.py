@@ -25,7 +25,9 @@ from fedeid.io import InputError, atomic_save
 FORMAT = "fedeid-checkpoint"
 # 2: full-resolution resize-convolution decoder, visible re-rendering, site ReID state carries the
 # cohort's patch matchability. A format-1 file cannot be converted: its decoder has another shape.
-FORMAT_VERSION = 2
+# 3: the decoder renders from the level-tied released code (DeIdModel.release_code); a format-2
+# decoder has the same shapes but was never trained on noised codes, so it is refused, not loaded.
+FORMAT_VERSION = 3
 DEFAULT_MODALITIES = ("CR", "DX")  # the synthetic benchmark and ChestX-ray14 are chest radiographs
 
 
@@ -80,8 +82,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(path, "not a fedeid checkpoint")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
-        hint = (": it predates the re-rendering decoder and the matchability-aware blocking; retrain it "
-                "with this fedeid" if isinstance(version, int) and version < FORMAT_VERSION else "")
+        hint = (": it predates the level-tied medical-code bottleneck (format 3; format 2 added the "
+                "re-rendering decoder and the matchability-aware blocking); retrain it with this fedeid" if isinstance(version, int) and version < FORMAT_VERSION else "")
         raise InputError(path, f"checkpoint format {version} is not supported "
                                f"(this fedeid reads {FORMAT_VERSION}){hint}")
     payload.setdefault("method", "blocking")  # written before method B existed

@@ -220,8 +220,8 @@ def train_deid(model: DeIdModel, reid: ReIDNet, data: ImageSet, cfg: Config, epo
         x, f, e, sc, y = (v.to(device) for v in batch)
         level = torch.empty(len(x), device=device).uniform_(t.level_min, t.level_max)
         mask = block_mask(sc, level, s, ps)
-        out, gen, codes = model(x, mask, level, feats=f, sample=True)
-        terms = deid_losses(model, reid, x, mask, out, gen, codes, e, y)
+        out, gen, codes, released = model(x, mask, level, feats=f, sample=True)
+        terms = deid_losses(model, reid, x, mask, out, gen, codes, released, level, e, y)
         loss = sum(w[k] * terms[k] for k in w).mean()
         if anchor:
             loss = loss + proximal_mu / 2 * sum((named[k] - anchor[k]).pow(2).sum() for k in anchor)
@@ -235,16 +235,23 @@ def train_deid(model: DeIdModel, reid: ReIDNet, data: ImageSet, cfg: Config, epo
 
 
 def deid_losses(model: DeIdModel, reid: ReIDNet, x: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
-                gen: torch.Tensor, codes: Any, ident: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Method A's loss terms, each per sample [B] (so DP-SGD can clip per sample)."""
+                gen: torch.Tensor, codes: Any, released: torch.Tensor, level: torch.Tensor, ident: torch.Tensor,
+                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Method A's loss terms, each per sample [B] (so DP-SGD can clip per sample).
+
+    The blocked regions are asked to match the original's low resolution only as far as the
+    released code still carries it (weight ``1 - level``), and the output's medical code must
+    equal the *released* code: at level 1 the decoder renders the noise it was given as anatomy,
+    not the patient's (which it no longer sees).
+    """
     visible = 1 - mask
     rec = ((gen - x).abs() * visible).flatten(1).sum(1) / visible.flatten(1).sum(1).clamp(min=1)
     pm = F.avg_pool2d(mask, _FILL_POOL)
     fill = ((F.avg_pool2d(gen, _FILL_POOL) - F.avg_pool2d(x, _FILL_POOL)).abs() * pm).flatten(1).sum(1)
-    fill = fill / pm.flatten(1).sum(1).clamp(min=1e-6)
+    fill = (1 - level) * fill / pm.flatten(1).sum(1).clamp(min=1e-6)
     dec = model.decoupler
     out_mu = dec.medical_mean(model.encode(out))
-    sem = (out_mu - codes.mu.detach()).pow(2).flatten(1).mean(1)
+    sem = (out_mu - released.detach()).pow(2).flatten(1).mean(1)
     med = (F.binary_cross_entropy_with_logits(dec.finding_logits(codes.medical), labels, reduction="none").mean(1)
            + F.binary_cross_entropy_with_logits(dec.finding_logits(out_mu), labels, reduction="none").mean(1))
     blocked = mask.flatten(1).mean(1)

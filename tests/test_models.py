@@ -89,6 +89,29 @@ def test_releases_are_random_unless_seeded_and_copy_no_pixel(cfg, data):
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_released_code_keeps_findings_and_forgets_the_rest_with_the_level(cfg):
+    """Known answers of the level-tied bottleneck: level 0 is the identity; at every level the
+    finding head reads the same logits from the released code; at level 1 two images' released
+    codes (same noise) differ only by their finding parts — nothing else of the image survives."""
+    from fedeid.models.decoupler import Codes
+
+    torch.manual_seed(0)
+    model = build_deid_model(cfg).eval()
+    dec = model.decoupler
+    code = torch.randn(2, cfg.model.medical_channels, 4, 4)
+    codes = Codes(medical=code, mu=code, logvar=torch.zeros_like(code), identity=torch.zeros(2, 4, 4, 4))
+    assert torch.equal(model.release_code(codes, 0.0), code)
+    for level in (0.3, 1.0):
+        released = model.release_code(codes, level, torch.Generator().manual_seed(1))
+        assert torch.allclose(dec.finding_logits(released), dec.finding_logits(code), atol=1e-4)
+    a = model.release_code(codes, 1.0, torch.Generator().manual_seed(2))
+    b = model.release_code(Codes(medical=code.flip(0), mu=code, logvar=codes.logvar, identity=codes.identity), 1.0,
+                           torch.Generator().manual_seed(2))
+    diff = a - b  # the images swapped places, the noise did not: only the spatially flat finding part differs
+    assert torch.allclose(diff, diff.mean(dim=(2, 3), keepdim=True).expand_as(diff), atol=1e-5)
+    assert float(diff.abs().max()) > 1e-3
+
+
 def test_deidentifier_refuses_wrong_sizes_and_levels(cfg):
     d = DeIdentifier.build(cfg)
     with pytest.raises(ValueError, match="expected images"):

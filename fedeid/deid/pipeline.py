@@ -138,7 +138,7 @@ class DeIdentifier:
         if level == 0:
             return x.clone(), mask
         if compensate:
-            out, _, _ = self.model(x, mask, level, sample=True, generator=generator or self.release_generator(None))
+            out, _, _, _ = self.model(x, mask, level, sample=True, generator=generator or self.release_generator(None))
         else:
             out = mask * x.mean(dim=(1, 2, 3), keepdim=True) + (1 - mask) * x
         return out.clamp(0, 1), mask
