@@ -307,4 +307,12 @@ def test_central_benchmark_scores_method_b_beside_a(tmp_path):
     assert set(cf) == set(test.finding_names) and "identity_p_at_1" in cf["cardiomegaly"]["set_1"]
     assert results["replace"]["identity_prior"]["rejection_rate"] >= 0
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the counterfactual grid: 3 held-out images x (original + each finding set to 0 and 1), 1:1 pixels
+    from PIL import Image
+
+    with Image.open(tmp_path / "counterfactuals.png") as cf_grid:
+        size = cfg.data.image_size
+        assert cf_grid.mode == "L"
+        assert cf_grid.width == 120 + (1 + 2 * len(test.finding_names)) * (size + 4)
+        assert cf_grid.height == 16 + 3 * (size + 4)
     assert isinstance(DeIdentifier.load(tmp_path / "replace_central.pt"), ReplaceDeIdentifier)

@@ -83,6 +83,7 @@ def evaluate_and_report(deidentifier: Any, train: ImageSet, test: ImageSet, cfg:
     if counterfactuals is None and main == "replace":
         counterfactuals = deidentifier
     if counterfactuals is not None:
+        evaluator.write_counterfactual_grid(counterfactuals, Path(out_dir) / "counterfactuals.png")
         results["counterfactuals"] = counterfactual_figures(counterfactuals, test, evaluator.classifier,
                                                             evaluator.suite.learned_net, evaluator.gallery,
                                                             evaluator.queries, evaluator.device)
@@ -92,7 +93,8 @@ def evaluate_and_report(deidentifier: Any, train: ImageSet, test: ImageSet, cfg:
     results.update(extra or {})
     paths = write_report(results, out_dir)
     print(summary_table(results))
-    print(f"report: {paths['json']}  plot: {paths['png']}  pictures: {Path(out_dir) / 'grid.png'}")
+    cf_grid = " and counterfactuals.png" if counterfactuals is not None else ""
+    print(f"report: {paths['json']}  plot: {paths['png']}  pictures: {Path(out_dir) / 'grid.png'}{cf_grid}")
     return results
 
 

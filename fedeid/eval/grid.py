@@ -10,6 +10,7 @@ or invented by the figure itself.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,8 +47,26 @@ def grid_images(images: np.ndarray, methods: dict[str, Method],
 def write_grid(images: np.ndarray, methods: dict[str, Method], path: str | os.PathLike[str],
                levels: tuple[float, ...] = GRID_LEVELS) -> None:
     """Compose the grid as one 8-bit grey PNG at 100 % zoom and write it atomically to ``path``."""
-    rows, row_labels, col_labels = grid_images(images, methods, levels)
-    h, w = images.shape[1:]
+    compose(*grid_images(images, methods, levels), path)
+
+
+def write_counterfactual_grid(images: np.ndarray, counterfactual: Callable[[np.ndarray, dict[str, int]], np.ndarray],
+                              findings: tuple[str, ...], path: str | os.PathLike[str]) -> None:
+    """Method B's counterfactuals for a person to look at: per image, the original and each
+    finding set to 0 and to 1 (``counterfactual(images, {finding: value})``), at 100 % zoom."""
+    if images.ndim != 3 or not len(images):
+        raise ValueError(f"expected images [N, H, W] with N >= 1, got shape {images.shape}")
+    columns = [(name, value) for name in findings for value in (0, 1)]
+    outputs = [np.asarray(counterfactual(images, {name: value})) for name, value in columns]
+    rows = [[images[i], *(out[i] for out in outputs)] for i in range(len(images))]
+    compose(rows, [f"image {i + 1}" for i in range(len(images))],
+            ["original", *(f"{name}={value}" for name, value in columns)], path)
+
+
+def compose(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
+            path: str | os.PathLike[str]) -> None:
+    """Tiles [row][column] of one size, labelled, as one 8-bit grey PNG written atomically."""
+    h, w = rows[0][0].shape
     width = _LABEL_W + len(col_labels) * (w + _GAP)
     height = _HEADER_H + len(rows) * (h + _GAP)
     canvas = np.full((height, width), _BACKGROUND, dtype=np.uint8)

@@ -37,7 +37,7 @@ from fedeid.deid.pipeline import DeIdentifier
 from fedeid.eval.attackers import TRAINED_PER_LEVEL, AttackSuite, Method
 from fedeid.eval.attackers import split_gallery  # noqa: F401  (re-exported: federated clients import it from here)
 from fedeid.eval.baselines import BASELINES
-from fedeid.eval.grid import grid_sample, write_grid
+from fedeid.eval.grid import grid_sample, write_counterfactual_grid, write_grid
 from fedeid.eval.metrics import macro_auc, per_finding_auc, psnr, ssim
 from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
 from fedeid.io import atomic_write_json
@@ -119,6 +119,11 @@ class Evaluator:
         """The picture grid (:mod:`fedeid.eval.grid`) of ``methods`` on a few held-out query images."""
         pick = grid_sample(self.test.patient_ids, self.queries, n_patients)
         write_grid(self.test.images[pick], methods, path)
+
+    def write_counterfactual_grid(self, deidentifier: Any, path: str | Path, n_patients: int = 3) -> None:
+        """Method B's counterfactuals (each finding set to 0 and 1) on the same held-out images."""
+        pick = grid_sample(self.test.patient_ids, self.queries, n_patients)
+        write_counterfactual_grid(self.test.images[pick], deidentifier.counterfactual, self.test.finding_names, path)
 
     def run(self, methods: dict[str, Method], levels: tuple[float, ...]) -> dict[str, Any]:
         """Score every method at every level.
