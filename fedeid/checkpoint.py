@@ -98,6 +98,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def add_extra(path: str | Path, **entries: Any) -> None:
+    """Store ``entries`` in a checkpoint's ``extra`` (e.g. the calibration an evaluation measured),
+    leaving its weights and everything else as they are; rewritten atomically."""
+    payload = load_checkpoint(path)
+    payload.pop("config_obj")
+    payload["extra"] = {**payload.get("extra", {}), **entries}
+    atomic_save(path, lambda fh: torch.save(payload, fh))
+
+
 def check_weights(path: Path, part: str, state: Any) -> None:
     """Refuse weights that are not a dict of tensors, or hold NaN/Inf: a model trained into
     divergence (or a tampered file) would otherwise de-identify into garbage without a word."""

@@ -231,6 +231,13 @@ def test_simulate_command_writes_the_report(tmp_path):
     assert results["mode"] == "federated" and "fedeid" in results["methods"]
     fed = json.loads((out / "federated.json").read_text())["summary_table"]
     assert 0 < fed["shared_fraction_of_full_model"] < 1 and fed["rounds"] == preset("test").fed.rounds
+    # the global model states what each level bought on the held-out patients (fedeid deid prints it)
+    from fedeid.deid.pipeline import DeIdentifier
+
+    deid = DeIdentifier.load(out / "federation/global.pt", reid=out / "federation/sites/site-0/reid.pt")
+    table = deid.info["calibration"]
+    assert table["levels"] == list(preset("test").eval.levels) and table["site"] == 0
+    assert table["worst_p_at_1"] == results["methods"]["fedeid"]["worst_p_at_1"]
 
 
 def test_round_watcher_prints_one_line_per_new_round(tmp_path, capsys):

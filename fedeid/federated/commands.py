@@ -205,7 +205,9 @@ def evaluate_global(cfg: Any, fed: dict[str, Any], out: Path, site: int = 0, ada
     from fedeid.data.imageset import ImageSet
     from fedeid.data.synthetic import generate
     from fedeid.deid.pipeline import DeIdentifier
-    from fedeid.eval.benchmark import evaluate_and_report
+    from fedeid.checkpoint import add_extra
+    from fedeid.eval.benchmark import evaluate_and_report, method_name
+    from fedeid.eval.calibration import calibration_from_results
     from fedeid.eval.report import Evaluator
 
     use_adaptive = adaptive
@@ -228,8 +230,13 @@ def evaluate_global(cfg: Any, fed: dict[str, Any], out: Path, site: int = 0, ada
     eval_cfg = copy.deepcopy(cfg)
     eval_cfg.eval.baselines = tuple(b for b in cfg.eval.baselines if b != "no_decoupler")
     train = ImageSet.concat(sites)
-    return evaluate_and_report(deid, train, test, eval_cfg, out, extra=extra, progress=progress,
-                               evaluator=_Evaluator(train, test, eval_cfg, progress=progress))
+    results = evaluate_and_report(deid, train, test, eval_cfg, out, extra=extra, progress=progress,
+                                  evaluator=_Evaluator(train, test, eval_cfg, progress=progress))
+    # what each level bought, stored in the global model as `fedeid evaluate` stores it in its
+    # checkpoint (fedeid deid prints it); measured with this site's ReID / prior, and said so
+    calibration = {**calibration_from_results(results, method_name(deid)), "site": site}
+    add_extra(fed["paths"]["global"], calibration=calibration)
+    return results
 
 
 def site_prior_path(cfg: Any, global_path: str | Path, data: Any, sdir: Path, site: int) -> Path:
