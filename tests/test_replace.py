@@ -316,3 +316,39 @@ def test_central_benchmark_scores_method_b_beside_a(tmp_path):
         assert cf_grid.width == 120 + (1 + 2 * len(test.finding_names)) * (size + 4)
         assert cf_grid.height == 16 + 3 * (size + 4)
     assert isinstance(DeIdentifier.load(tmp_path / "replace_central.pt"), ReplaceDeIdentifier)
+
+
+def test_risk_report_on_a_federated_method_b_model_takes_the_site_prior(trained, tmp_path, monkeypatch, capsys):
+    """``fedeid report --model global.pt --prior identity_prior.pt``: the report is on method B by
+    default and names the prior it was measured with; a method-A site part is refused by name."""
+    import json
+
+    from fedeid.audit import keys
+    from fedeid.deid.replace import save_site_prior
+
+    cfg, _, _, d, _ = trained
+    monkeypatch.setenv("FEDEID_STATE_DIR", str(tmp_path / "state"))
+    save_checkpoint(tmp_path / "global.pt", cfg, shared=replace_state(d.model), method="replace")  # no prior inside
+    save_site_prior(tmp_path / "identity_prior.pt", d, site=0)
+    keys.generate_key(tmp_path / "site.key")
+    args = ["report", "--model", str(tmp_path / "global.pt"), "--level", "1", "--key", str(tmp_path / "site.key"),
+            "--attackers", "keypoint,patch", "--bootstrap", "20"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--prior", str(tmp_path / "identity_prior.pt")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    text = json.dumps(rep)
+    assert '"replace"' in text and file_digest(tmp_path / "identity_prior.pt") in text
+    assert file_digest(tmp_path / "identity_prior.pt") in (tmp_path / "out" / "report.html").read_text()
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "out2")]) == 2  # the global model alone has no prior: nothing done
+    assert "global.pt: method-B checkpoint holds no identity prior" in capsys.readouterr().err
+    a = tmp_path / "a.pt"
+    DeIdentifier.build(cfg).save(a)
+    assert main(["report", "--model", str(a), "--prior", str(tmp_path / "identity_prior.pt"), "--level", "1",
+                 "--key", str(tmp_path / "site.key"), "--out", str(tmp_path / "out3")]) == 2
+    assert "identity_prior.pt: an identity prior goes with a method-B model" in capsys.readouterr().err
+
+
+def file_digest(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

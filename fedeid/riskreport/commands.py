@@ -21,9 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "OUT/report.html, OUT/report.json and the detached Ed25519 signature OUT/report.sig. "
                     "`fedeid report verify OUT` checks the signature.")
     p.add_argument("--model", type=Path, help="de-identification checkpoint (central, or a federated global.pt)")
-    p.add_argument("--reid", type=Path, help="this site's ReID checkpoint, for a federated global model")
-    p.add_argument("--level", type=float, help="the privacy level to be released, in [0, 1]")
-    p.add_argument("--method", default="fedeid", help="fedeid (default), block, or a configured baseline")
+    p.add_argument("--reid", type=Path, help="this site's ReID checkpoint, for a federated global model (method A)")
+    p.add_argument("--prior", type=Path,
+                   help="this site's identity prior, for a federated global method-B model (identity_prior.pt)")
+    p.add_argument("--level", type=float, help="the privacy level (method B: strength) to be released, in [0, 1]")
+    p.add_argument("--method", help="what to report on: the model's own method (default: fedeid for method A, "
+                                    "replace for method B), block, or a configured baseline")
     p.add_argument("--data", help="labels CSV (or folder) of images with patient ids; default: the model's data config")
     p.add_argument("--attackers", help="comma-separated subset of the suite (default: every attacker)")
     p.add_argument("--key", type=Path, help="the site's Ed25519 signing key (`fedeid audit keygen`)")
@@ -42,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.set_defaults(func=_verify)
 
 
-def make_report(model: Path, level: float, out: Path, key: Path, *, method: str = "fedeid", reid: Path | None = None,
-                data: str | None = None, attackers: tuple[str, ...] | None = None, bootstrap: int = 500,
+def make_report(model: Path, level: float, out: Path, key: Path, *, method: str | None = None,
+                reid: Path | None = None, prior: Path | None = None, data: str | None = None, attackers: tuple[str, ...] | None = None, bootstrap: int = 500,
                 dicom_manifest: Path | None = None, dicom_input: Path | None = None, reassess_months: int = 12,
                 state: Path | None = None, device: str = "auto", progress: bool = True,
                 suite_factory: Callable[..., Any] | None = None) -> dict[str, Path]:
@@ -52,7 +55,7 @@ def make_report(model: Path, level: float, out: Path, key: Path, *, method: str 
     from fedeid.data.imageset import ImageSet
     from fedeid.data.loaders import load_dataset
     from fedeid.deid.pipeline import DeIdentifier
-    from fedeid.eval.benchmark import methods_for
+    from fedeid.eval.benchmark import method_name, methods_for
     from fedeid.riskreport import document
     from fedeid.riskreport.measure import assess
 
@@ -61,7 +64,8 @@ def make_report(model: Path, level: float, out: Path, key: Path, *, method: str 
     if bootstrap < 20:  # a 95 % percentile interval from fewer resamples is mostly the extremes
         raise ValueError(f"--bootstrap must be at least 20, got {bootstrap}")
     keys.load_private_key(key)  # a bad key fails now, not after minutes of measuring
-    deidentifier = DeIdentifier.load(model, reid=reid, device=device)
+    deidentifier = DeIdentifier.load(model, reid=reid, prior=prior, device=device)
+    method = method or method_name(deidentifier)
     cfg = deidentifier.cfg
     if data is not None:
         cfg.data.source = data
@@ -75,9 +79,9 @@ def make_report(model: Path, level: float, out: Path, key: Path, *, method: str 
     suite = suite_factory(train, test, cfg, progress=progress, attackers=attackers)
     risk = assess(suite, methods[method], level, train, test, cfg, bootstrap=bootstrap, seed=cfg.data.seed,
                   progress=progress)
-    prov = document.provenance(model, reid)
+    prov = document.provenance(model, reid, prior)
     dicom = document.dicom_section(dicom_manifest, dicom_input) if dicom_manifest else None
-    audit = document.audit_section(state, {prov["sha256"], prov.get("reid_sha256")} - {None},
+    audit = document.audit_section(state, {prov["sha256"], prov.get("reid_sha256"), prov.get("prior_sha256")} - {None},
                                    dicom["counts"] if dicom else None)
     report = document.build(risk, prov, audit, method=method, dicom=dicom, reassess_months=reassess_months)
     return document.write(report, out, key, state)
@@ -87,7 +91,7 @@ def _report(args: argparse.Namespace) -> int:
     missing = [f"--{n}" for n in ("model", "level", "key", "out") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"fedeid report needs {', '.join(missing)}")
-    paths = make_report(args.model, args.level, args.out, args.key, method=args.method, reid=args.reid,
+    paths = make_report(args.model, args.level, args.out, args.key, method=args.method, reid=args.reid, prior=args.prior,
                         data=args.data, attackers=tuple(a for a in args.attackers.split(",") if a) if args.attackers
                         else None, bootstrap=args.bootstrap, dicom_manifest=args.dicom_manifest,
                         dicom_input=args.dicom_input, reassess_months=args.reassess_months, state=args.state_dir,

@@ -24,13 +24,15 @@ SIGNATURE = "report.sig"
 SIGNATURE_FORMAT = "fedeid-report-signature/1"
 
 
-def provenance(model_path: Path, reid_path: Path | None) -> dict[str, Any]:
-    """What the checkpoint says of its own training: central, or federated with rounds, sites and ε."""
+def provenance(model_path: Path, reid_path: Path | None, prior_path: Path | None = None) -> dict[str, Any]:
+    """What the checkpoint says of its own training: central, or federated with rounds, sites and ε;
+    the hashes of the model and of the site part it was used with (ReID network or identity prior)."""
     from fedeid.checkpoint import load_checkpoint
 
     extra = load_checkpoint(model_path)["extra"]
     out: dict[str, Any] = {"sha256": file_sha256(model_path), "mode": "central",
-                           "reid_sha256": file_sha256(reid_path) if reid_path else None}
+                           "reid_sha256": file_sha256(reid_path) if reid_path else None,
+                           "prior_sha256": file_sha256(prior_path) if prior_path else None}
     fed = extra.get("federated")
     if fed:
         summary = fed.get("summary", {})

@@ -182,6 +182,8 @@ def _provenance(m: dict[str, Any]) -> str:
     rows = [["checkpoint SHA-256", m["sha256"]], ["training", m["mode"]]]
     if m.get("reid_sha256"):
         rows.append(["site ReID checkpoint SHA-256", m["reid_sha256"]])
+    if m.get("prior_sha256"):
+        rows.append(["site identity prior SHA-256", m["prior_sha256"]])
     fed = m.get("federated")
     if fed:
         rows += [["rounds", fed.get("rounds")], ["sites", ", ".join(map(str, fed.get("sites", []))) or "—"],
