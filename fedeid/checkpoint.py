@@ -82,8 +82,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(path, "not a fedeid checkpoint")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
+        older = isinstance(version, int) and version < FORMAT_VERSION
         hint = (": it predates the level-tied medical-code bottleneck (format 3; format 2 added the "
-                "re-rendering decoder and the matchability-aware blocking); retrain it with this fedeid" if isinstance(version, int) and version < FORMAT_VERSION else "")
+                "re-rendering decoder and the matchability-aware blocking); retrain it with this fedeid"
+                if older else "")
         raise InputError(path, f"checkpoint format {version} is not supported "
                                f"(this fedeid reads {FORMAT_VERSION}){hint}")
     payload.setdefault("method", "blocking")  # written before method B existed

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedeid.checkpoint import add_extra
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.deid.pipeline import DeIdentifier
@@ -127,5 +128,5 @@ def run_central_benchmark(sites: list[ImageSet], test: ImageSet, cfg: Config, ou
                                          **({"replace": replace_summary} if replace is not None else {})},
                                   progress=progress, counterfactuals=replace)
     # the checkpoint states what each level bought on these held-out patients (fedeid deid prints it)
-    deidentifier.save(checkpoint, extra={"training": metrics, "calibration": calibration_from_results(results)})
+    add_extra(checkpoint, calibration=calibration_from_results(results))
     return results

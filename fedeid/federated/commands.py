@@ -174,7 +174,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    print(f"federated simulation of method {cfg.fed.method}: {cfg.data.n_sites} sites, {cfg.fed.rounds} rounds x {cfg.fed.local_epochs} "
+    print(f"federated simulation of method {cfg.fed.method}: {cfg.data.n_sites} sites, "
+          f"{cfg.fed.rounds} rounds x {cfg.fed.local_epochs} "
           f"local epochs, {cfg.fed.strategy}, privacy={cfg.privacy.mode}, engine={args.engine}", file=sys.stderr)
     fed = simulate(cfg, out, engine=args.engine, resume=args.resume)
     fed_summary = federated_summary(fed, cfg)

@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def make_report(model: Path, level: float, out: Path, key: Path, *, method: str | None = None,
-                reid: Path | None = None, prior: Path | None = None, data: str | None = None, attackers: tuple[str, ...] | None = None, bootstrap: int = 500,
+                reid: Path | None = None, prior: Path | None = None, data: str | None = None,
+                attackers: tuple[str, ...] | None = None, bootstrap: int = 500,
                 dicom_manifest: Path | None = None, dicom_input: Path | None = None, reassess_months: int = 12,
                 state: Path | None = None, device: str = "auto", progress: bool = True,
                 suite_factory: Callable[..., Any] | None = None) -> dict[str, Path]:
@@ -81,7 +82,8 @@ def make_report(model: Path, level: float, out: Path, key: Path, *, method: str 
                   progress=progress)
     prov = document.provenance(model, reid, prior)
     dicom = document.dicom_section(dicom_manifest, dicom_input) if dicom_manifest else None
-    audit = document.audit_section(state, {prov["sha256"], prov.get("reid_sha256"), prov.get("prior_sha256")} - {None},
+    hashes = {prov["sha256"], prov.get("reid_sha256"), prov.get("prior_sha256")} - {None}
+    audit = document.audit_section(state, hashes,
                                    dicom["counts"] if dicom else None)
     report = document.build(risk, prov, audit, method=method, dicom=dicom, reassess_months=reassess_months)
     return document.write(report, out, key, state)
@@ -91,7 +93,8 @@ def _report(args: argparse.Namespace) -> int:
     missing = [f"--{n}" for n in ("model", "level", "key", "out") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"fedeid report needs {', '.join(missing)}")
-    paths = make_report(args.model, args.level, args.out, args.key, method=args.method, reid=args.reid, prior=args.prior,
+    paths = make_report(args.model, args.level, args.out, args.key, method=args.method, reid=args.reid,
+                        prior=args.prior,
                         data=args.data, attackers=tuple(a for a in args.attackers.split(",") if a) if args.attackers
                         else None, bootstrap=args.bootstrap, dicom_manifest=args.dicom_manifest,
                         dicom_input=args.dicom_input, reassess_months=args.reassess_months, state=args.state_dir,
