@@ -119,12 +119,12 @@ def procs():
 def test_perimeter_deployment(procs, tmp_path):
     app = project_dir()
     assert app is not None, "tests run from the project folder"
-    fleet, link, runtime = free_ports(3)
+    fleet, link, runtime = free_ports(2 + 3)[:3]  # the 3 sites get runtime, runtime + 1, runtime + 2
     dep = tmp_path / "deploy"
     env = flower_env(tmp_path / "flwr-home-unused")
     out = run_cli([sys.executable, "-m", "fedeid.cli", "deploy", "--out", str(dep), "--sites", "3",
                    "--listen", f"127.0.0.1:{fleet}", "--fleet-port", str(fleet), "--superlink-port", str(link),
-                   "--runtime-port", str(runtime + 10), "--app", str(app)], env).stdout
+                   "--runtime-port", str(runtime), "--app", str(app)], env).stdout
     assert "FAB sha256" in out
     coord = dep / "coordinator"
     cenv = flower_env(coord / "flwr-home")
@@ -217,12 +217,12 @@ def test_refused_supernodes_exit_nonzero(procs, tmp_path):
     from fedeid.privacy.certs import make_supernode_key
 
     app = project_dir()
-    fleet, link, runtime = free_ports(3)
+    fleet, link, runtime = free_ports(2 + 2)[:3]  # the 2 sites get runtime and runtime + 1
     dep = tmp_path / "deploy"
     env = flower_env(tmp_path / "unused")
     run_cli([sys.executable, "-m", "fedeid.cli", "deploy", "--out", str(dep), "--sites", "2", "--listen",
              f"127.0.0.1:{fleet}", "--fleet-port", str(fleet), "--superlink-port", str(link), "--runtime-port",
-             str(runtime + 10), "--app", str(app)], env)
+             str(runtime), "--app", str(app)], env)
     coord = dep / "coordinator"
     cenv = flower_env(coord / "flwr-home")
     for name in ("superlink", "proxy"):
