@@ -139,12 +139,24 @@ def _table(**change):
 
 
 def test_describe_level_states_the_measured_figure():
+    from scipy.stats import beta
+
+    bound = beta.ppf(0.95, 13, 18)  # 12 of 30 patients found
     assert describe_level(_table(), 0.5) == ("level 0.5: re-identification measured at calibration: worst-case "
-                                             "P@1 0.400 at level 0.5 (strongest attacker: patch) "
-                                             "(chance 0.033; 30 held-out patients)")
+                                             f"P@1 0.400 at level 0.5 (95 % upper bound {bound:.3f}; strongest "
+                                             "attacker: patch) (chance 0.033; 30 held-out patients)")
     between = describe_level(_table(), 0.7)
     assert "not calibrated itself" in between and "0.400 at level 0.5" in between and "0.050 at level 1" in between
     assert "no calibration" in describe_level(None, 0.3)
+
+
+def test_upper_bound_known_answers():
+    from fedeid.eval.calibration import upper_bound
+
+    assert upper_bound(0.0, 30) == pytest.approx(1 - 0.05 ** (1 / 30))  # none found: 0.095, not 0
+    assert upper_bound(1.0, 30) == 1.0
+    assert 0.083 < upper_bound(0.083, 30) < upper_bound(0.083, 10)  # fewer patients, wider bound
+    assert upper_bound(0.5, 10_000) == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -179,7 +191,7 @@ def test_deid_prints_what_the_level_bought(tmp_path, capsys):
     DeIdentifier.build(cfg).save(model, extra={"calibration": _table()})
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((64, 64)).astype(np.float32))
     assert main(["deid", str(tmp_path / "x.npy"), str(tmp_path / "out"), "--model", str(model), "--level", "0.5"]) == 0
-    assert "worst-case P@1 0.400 at level 0.5 (strongest attacker: patch)" in capsys.readouterr().out
+    assert "worst-case P@1 0.400 at level 0.5 (95 % upper bound 0.566; strongest attacker: patch)" in capsys.readouterr().out
     DeIdentifier.build(cfg).save(model, extra={"calibration": _table(worst_p_at_1=[1.0, 7.0, 0.0])})
     assert main(["deid", str(tmp_path / "x.npy"), str(tmp_path / "out2"), "--model", str(model), "--level", "0.5"]) == 0
     assert f"fedeid: {model}: calibration ignored: calibration figures out of range" in capsys.readouterr().err
