@@ -40,13 +40,18 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
+def parse_override(item: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (a ``--set`` item) -> (key, value), or ValueError naming the item."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    return key.strip(), value.strip()
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = preset(args.preset)
     for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        cfg.set(key.strip(), value.strip())
+        cfg.set(*parse_override(item))
     return cfg
 
 

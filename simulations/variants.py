@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fedeid.commands import parse_override  # noqa: E402
 from fedeid.config import Config, preset  # noqa: E402
 from fedeid.io import atomic_write_json  # noqa: E402
 
@@ -40,13 +41,10 @@ def parse_variant(text: str) -> tuple[str, list[tuple[str, str]]]:
     name, sep, rest = text.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant expects NAME=KEY=VALUE[;KEY=VALUE] or NAME=, got {text!r}")
-    pairs = []
-    for item in filter(None, rest.split(";")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--variant {name}: expected KEY=VALUE, got {item!r}")
-        pairs.append((key.strip(), value.strip()))
-    return name, pairs
+    try:
+        return name, [parse_override(item) for item in filter(None, rest.split(";"))]
+    except ValueError as exc:
+        raise ValueError(f"--variant {name}: {exc}") from exc
 
 
 def configure(base: Config, pairs: list[tuple[str, str]], seed: int) -> Config:

@@ -59,7 +59,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     ephemeral range are only ever taken by explicit binds. Consecutive, because a deployment gives
     site ``i`` the port ``runtime_port + i``.
     """
-
     top = max(_ephemeral_low(), 20000 + n + 1)
     rng = random.SystemRandom()
     for _ in range(200):
