@@ -27,7 +27,9 @@ FORMAT = "fedeid-checkpoint"
 # cohort's patch matchability. A format-1 file cannot be converted: its decoder has another shape.
 # 3: the decoder renders from the level-tied released code (DeIdModel.release_code); a format-2
 # decoder has the same shapes but was never trained on noised codes, so it is refused, not loaded.
-FORMAT_VERSION = 3
+# 4: the visible low-pass grows as sqrt(level) (DeIdModel.visible_sigma); a format-3 decoder was
+# trained and calibrated on the linear schedule, so its stored level calibration would not hold.
+FORMAT_VERSION = 4
 DEFAULT_MODALITIES = ("CR", "DX")  # the synthetic benchmark and ChestX-ray14 are chest radiographs
 
 
@@ -83,8 +85,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         older = isinstance(version, int) and version < FORMAT_VERSION
-        hint = (": it predates the level-tied medical-code bottleneck (format 3; format 2 added the "
-                "re-rendering decoder and the matchability-aware blocking); retrain it with this fedeid"
+        hint = (": it predates the sqrt(level) visible low-pass (format 4; format 3 added the level-tied "
+                "medical-code bottleneck, format 2 the re-rendering decoder and the matchability-aware "
+                "blocking); retrain it with this fedeid"
                 if older else "")
         raise InputError(path, f"checkpoint format {version} is not supported "
                                f"(this fedeid reads {FORMAT_VERSION}){hint}")

@@ -206,7 +206,16 @@ def test_old_checkpoint_format_is_refused_with_a_reason(cfg, tmp_path):
     path = tmp_path / "old.pt"
     d.save(path)
     raw = torch.load(path, weights_only=True)
-    raw["format_version"] = 1
+    raw["format_version"] = 3  # the linear low-pass schedule: its calibration would not hold
     torch.save(raw, path)
-    with pytest.raises(InputError, match="old.pt: checkpoint format 1 is not supported.*retrain"):
+    with pytest.raises(InputError, match="old.pt: checkpoint format 3 is not supported.*sqrt.*retrain"):
         DeIdentifier.load(path)
+
+
+def test_visible_low_pass_grows_as_the_square_root_of_the_level(cfg):
+    """σ(level) = σ_full·√level: none at 0, full at 1, half of it at 0.25 (and per image in a batch)."""
+    model = build_deid_model(cfg)
+    full = cfg.model.visible_sigma
+    sig = model.visible_sigma(torch.tensor([0.0, 0.25, 1.0]))
+    assert torch.allclose(sig, torch.tensor([0.0, 0.5 * full, full]))
+    assert float(model.visible_sigma(0.04)[0]) == pytest.approx(0.2 * full)

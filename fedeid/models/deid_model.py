@@ -59,8 +59,15 @@ class DeIdModel(nn.Module):
         return self.encoder(x)
 
     def visible_sigma(self, level: float | torch.Tensor) -> torch.Tensor:
-        """Low-pass sigma (pixels at the model's size) of the visible regions at ``level``."""
-        return torch.as_tensor(level, dtype=torch.float32).reshape(-1) * self.sigma_at_full
+        """Low-pass sigma (pixels at the model's size) of the visible regions at ``level``.
+
+        It grows as ``sqrt(level)``, not linearly: at low levels the worst-case attacker was
+        keypoint matching on the visible regions' fine edges (P@1 0.93 at level 0.2 with
+        sigma 1.2 px), while the finding AUC lost there comes from the blocked patches, not from
+        the low-pass (re-rendering without blocking kept 0.90 up to sigma 3.6). Measured on one
+        model: sigma 2.7 px at level 0.2 took the worst case to 0.80 at the same AUC.
+        """
+        return torch.as_tensor(level, dtype=torch.float32).reshape(-1).clamp(min=0).sqrt() * self.sigma_at_full
 
     def release_code(self, codes: Codes, level: float | torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
