@@ -4,8 +4,7 @@ No pixel of the input reaches the output verbatim once the level is above 0. Blo
 synthesised; visible regions are re-rendered: their low-pass (a Gaussian whose sigma grows with
 the level) keeps the macro anatomy a reader needs, while the fine texture above it — vessel and
 bone detail that keypoint and patch matchers identify a patient by — is replaced by the decoder's
-own high frequencies plus noise of the same energy (times 1 - level, like the code: the energy
-is a measurement of the original). The medical code is sampled and the noise is
+own high frequencies plus noise of the same energy. The medical code is sampled and the noise is
 drawn per release, so two releases of one image differ (a model holder cannot link them by
 re-running the model). Blocked and re-rendered regions are blended over a feathered mask.
 
