@@ -107,14 +107,11 @@ class DeIdModel(nn.Module):
         gen = self.decoder(low, mask, released)
         gen_high = gen - gaussian_blur(gen, sigma)
         # Noise fills the part of the original's high band that the decoder does not render
-        # (one amplitude per image: the texture's energy, not its pattern). That energy is a
-        # scalar of the original, so it keeps the code's weight 1 - level: at full weight it
-        # reached even level-1 releases (correlation 0.98 with the original's high-band std).
+        # (one amplitude per image: the texture's energy, not its pattern).
         noise = randn_like(x, generator)
         noise_high = noise - gaussian_blur(noise, sigma)
         x_high = x - gaussian_blur(x, sigma)
-        keep = (1 - torch.as_tensor(level, dtype=x.dtype, device=x.device).reshape(-1)).clamp(min=0)
-        missing = keep * (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
+        missing = (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
         scale = missing.sqrt() / (noise_high.flatten(1).std(1) + 1e-8)
         texture = noise_high * scale.view(-1, 1, 1, 1)
         soft = feather(mask, self.feather_sigma)
