@@ -27,8 +27,9 @@ FORMAT = "fedeid-checkpoint"
 # cohort's patch matchability. A format-1 file cannot be converted: its decoder has another shape.
 # 3: the decoder renders from the level-tied released code (DeIdModel.release_code); a format-2
 # decoder has the same shapes but was never trained on noised codes, so it is refused, not loaded.
-# 4: the visible low-pass grows as sqrt(level) (DeIdModel.visible_sigma); a format-3 decoder was
-# trained and calibrated on the linear schedule, so its stored level calibration would not hold.
+# 4: the visible low-pass grows as sqrt(level) (DeIdModel.visible_sigma) and the texture noise's
+# energy is weighted by 1 - level; a format-3 decoder was trained and calibrated without either,
+# so its stored level calibration would not hold.
 FORMAT_VERSION = 4
 DEFAULT_MODALITIES = ("CR", "DX")  # the synthetic benchmark and ChestX-ray14 are chest radiographs
 

@@ -219,3 +219,18 @@ def test_visible_low_pass_grows_as_the_square_root_of_the_level(cfg):
     sig = model.visible_sigma(torch.tensor([0.0, 0.25, 1.0]))
     assert torch.allclose(sig, torch.tensor([0.0, 0.5 * full, full]))
     assert float(model.visible_sigma(0.04)[0]) == pytest.approx(0.2 * full)
+
+
+def test_level_one_release_adds_no_texture_energy_of_the_original(cfg):
+    """At level 1 the release is the decoder's rendering alone: the texture noise's amplitude is a
+    scalar of the original (its high-band energy) and keeps the code's weight 1 - level, so
+    nothing measured on the original image is added; below level 1 the texture is there."""
+    model = build_deid_model(cfg).eval()
+    s = cfg.data.image_size
+    x = torch.rand(2, 1, s, s)
+    full = torch.ones(2, 1, s, s)
+    with torch.no_grad():
+        out, gen, _, _ = model(x, full, 1.0, generator=torch.Generator().manual_seed(0))
+        half, gen_half, _, _ = model(x, full, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, gen)
+    assert (half - gen_half).abs().mean() > 1e-3

@@ -4,7 +4,8 @@ No pixel of the input reaches the output verbatim once the level is above 0. Blo
 synthesised; visible regions are re-rendered: their low-pass (a Gaussian whose sigma grows with
 the level) keeps the macro anatomy a reader needs, while the fine texture above it — vessel and
 bone detail that keypoint and patch matchers identify a patient by — is replaced by the decoder's
-own high frequencies plus noise of the same energy. The medical code is sampled and the noise is
+own high frequencies plus noise of the same energy (times 1 - level, like the code: the energy
+is a measurement of the original). The medical code is sampled and the noise is
 drawn per release, so two releases of one image differ (a model holder cannot link them by
 re-running the model). Blocked and re-rendered regions are blended over a feathered mask.
 
@@ -107,11 +108,14 @@ class DeIdModel(nn.Module):
         gen = self.decoder(low, mask, released)
         gen_high = gen - gaussian_blur(gen, sigma)
         # Noise fills the part of the original's high band that the decoder does not render
-        # (one amplitude per image: the texture's energy, not its pattern).
+        # (one amplitude per image: the texture's energy, not its pattern). That energy is a
+        # scalar of the original, so it keeps the code's weight 1 - level: at full weight it
+        # reached even level-1 releases (correlation 0.98 with the original's high-band std).
         noise = randn_like(x, generator)
         noise_high = noise - gaussian_blur(noise, sigma)
         x_high = x - gaussian_blur(x, sigma)
-        missing = (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
+        keep = (1 - torch.as_tensor(level, dtype=x.dtype, device=x.device).reshape(-1)).clamp(min=0)
+        missing = keep * (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
         scale = missing.sqrt() / (noise_high.flatten(1).std(1) + 1e-8)
         texture = noise_high * scale.view(-1, 1, 1, 1)
         soft = feather(mask, self.feather_sigma)
