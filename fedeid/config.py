@@ -48,6 +48,10 @@ class ModelConfig:
     visible_sigma: float = 6.0  # visible low-pass sigma at level 1, px at image_size, x sqrt(level) (DeIdModel.visible_sigma)
     feather: float = 2.0  # blend width at the block border (px at image_size)
     matchability_weight: float = 1.0  # cohort patch matchability beside ReID saliency when ranking patches
+    # Gumbel noise on that ranking per release (fedeid.deid.blocking.gumbel_perturb), in its units
+    # (saliency ranks in [0, 1] plus the weighted matchability): 0 = a deterministic mask, whose
+    # layout alone links a patient's images
+    mask_temperature: float = 3.0
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
-from fedeid.deid.blocking import block_mask, cohort_matchability, identity_relevance, patch_grid
+from fedeid.deid.blocking import block_mask, cohort_matchability, gumbel_perturb, identity_relevance, patch_grid
 from fedeid.models.backbone import ConvNet
 from fedeid.models.decoupler import cross_correlation, rate_nats
 from fedeid.models.deid_model import DeIdModel
@@ -219,7 +219,7 @@ def train_deid(model: DeIdModel, reid: ReIDNet, data: ImageSet, cfg: Config, epo
     def step(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, f, e, sc, y = (v.to(device) for v in batch)
         level = torch.empty(len(x), device=device).uniform_(t.level_min, t.level_max)
-        mask = block_mask(sc, level, s, ps)
+        mask = block_mask(gumbel_perturb(sc, cfg.model.mask_temperature), level, s, ps)  # masks as released
         out, gen, codes, released = model(x, mask, level, feats=f, sample=True)
         terms = deid_losses(model, reid, x, mask, out, gen, codes, released, level, e, y)
         loss = sum(w[k] * terms[k] for k in w).mean()

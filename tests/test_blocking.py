@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedeid.deid.blocking import block_mask, patch_grid, patch_scores
+from fedeid.deid.blocking import block_mask, gumbel_perturb, patch_grid, patch_scores
 
 
 @pytest.mark.parametrize("level", [0.0, 0.1, 0.25, 0.5, 0.73, 1.0])
@@ -36,6 +36,31 @@ def test_per_image_levels():
     scores = torch.rand(2, 16)
     mask = block_mask(scores, torch.tensor([0.0, 1.0]), 16, 4)
     assert mask[0].sum() == 0 and mask[1].mean() == 1
+
+
+def test_randomised_mask_blocks_each_patch_with_its_softmax_probability():
+    """Known answer of the Gumbel-top-k trick: blocking one of four patches picks patch i with
+    probability exp(s_i / T) / sum_j exp(s_j / T)."""
+    scores = torch.tensor([[2.0, 1.0, 0.0, 0.0]]).expand(20000, 4)
+    temperature = 1.0
+    mask = block_mask(gumbel_perturb(scores, temperature, torch.Generator().manual_seed(0)), 0.25, 8, 4)
+    freq = mask[:, 0, ::4, ::4].flatten(1).mean(0)
+    expected = torch.softmax(scores[0] / temperature, dim=0)
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+    assert torch.all(mask.flatten(1).sum(1) == 16)  # always exactly one 4x4 patch
+
+
+def test_randomised_masks_differ_per_draw_but_keep_the_level():
+    scores = torch.rand(1, 64).expand(2, 64)  # one image's relevance, released twice
+    perturbed = gumbel_perturb(scores, 1.0, torch.Generator().manual_seed(3))
+    again = gumbel_perturb(scores, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(perturbed, again)  # a release seed reproduces its mask
+    mask = block_mask(perturbed, 0.5, 64, 8)
+    assert not torch.equal(mask[0], mask[1])
+    assert torch.all(mask.flatten(1).mean(1) == 0.5)
+    assert torch.equal(gumbel_perturb(scores, 0.0), scores)  # temperature 0: the deterministic ranking
+    with pytest.raises(ValueError, match="temperature"):
+        gumbel_perturb(scores, -1.0)
 
 
 def test_patch_scores_average_saliency_per_patch():

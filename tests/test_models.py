@@ -79,7 +79,8 @@ def test_releases_are_random_unless_seeded_and_copy_no_pixel(cfg, data):
     assert np.array_equal(out0, data.images) and not mask0.any()
     out, mask = d.deidentify(data.images, 0.5, seed=7)
     again, _ = d.deidentify(data.images, 0.5, seed=7)
-    other, _ = d.deidentify(data.images, 0.5)  # a fresh seed from the OS
+    other, other_mask = d.deidentify(data.images, 0.5)  # a fresh seed from the OS
+    assert not np.array_equal(mask, other_mask)  # the blocked patches are drawn per release too
     assert out.shape == data.images.shape and out.dtype == np.float32
     assert np.array_equal(out, again)
     assert np.abs(out - other).mean() > 1e-3  # two releases of one image differ, also where visible

@@ -5,8 +5,8 @@ clients): it holds the frozen encoder, the trained decoupler + decoder, and the 
 the site that runs it, and turns images at the model's size into de-identified images at a
 privacy level.
 
-Every release is random: the medical code is sampled and the re-texturing noise drawn from a
-seed taken from ``os.urandom`` unless the caller passes one (tests, reproducible examples). A
+Every release is random: the blocked patches, the medical code and the re-texturing noise are
+drawn from a seed taken from ``os.urandom`` unless the caller passes one (tests, reproducible examples). A
 fixed seed makes two releases of the same image linkable by anyone holding the model; never fix
 it for data that leaves the site.
 """
@@ -22,7 +22,7 @@ import torch
 
 from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoint
 from fedeid.config import Config
-from fedeid.deid.blocking import block_mask, identity_relevance, patch_grid
+from fedeid.deid.blocking import block_mask, gumbel_perturb, identity_relevance, patch_grid
 from fedeid.imaging import compose_native, resize_array
 from fedeid.io import InputError
 from fedeid.models.deid_model import DeIdModel, cfg_findings, load_shared_state, shared_state
@@ -133,12 +133,13 @@ class DeIdentifier:
         self._check_level(level)
         x = x.to(self.device)
         m = self.cfg.model
+        generator = generator or self.release_generator(None)
         scores = identity_relevance(self.reid, x, self.image_size, m.patch_size, m.matchability_weight)
-        mask = block_mask(scores, level, self.image_size, m.patch_size)
+        mask = block_mask(gumbel_perturb(scores, m.mask_temperature, generator), level, self.image_size, m.patch_size)
         if level == 0:
             return x.clone(), mask
         if compensate:
-            out, _, _, _ = self.model(x, mask, level, sample=True, generator=generator or self.release_generator(None))
+            out, _, _, _ = self.model(x, mask, level, sample=True, generator=generator)
         else:
             out = mask * x.mean(dim=(1, 2, 3), keepdim=True) + (1 - mask) * x
         return out.clamp(0, 1), mask
