@@ -29,7 +29,9 @@ FORMAT = "fedeid-checkpoint"
 # decoder has the same shapes but was never trained on noised codes, so it is refused, not loaded.
 # 4: the visible low-pass grows as sqrt(level) (DeIdModel.visible_sigma) and the texture noise's
 # energy is weighted by 1 - level; a format-3 decoder was trained and calibrated without either,
-# so its stored level calibration would not hold.
+# so its stored level calibration would not hold. Masks drawn per release (model.mask_temperature)
+# need no new format: a config without the key loads with the default temperature, and a
+# calibration measured with deterministic masks overstates the risk of the random ones.
 FORMAT_VERSION = 4
 DEFAULT_MODALITIES = ("CR", "DX")  # the synthetic benchmark and ChestX-ray14 are chest radiographs
 

@@ -55,7 +55,9 @@ def gumbel_perturb(scores: torch.Tensor, temperature: float,
 
 def block_mask(scores: torch.Tensor, level: float | torch.Tensor, image_size: int,
                patch_size: int) -> torch.Tensor:
-    """Mask [B, 1, H, W], 1 on the ``round(level * P)`` most identity-relevant patches of each image.
+    """Mask [B, 1, H, W], 1 on the ``round(level * P)`` highest-scoring patches of each image.
+
+    Releases pass scores perturbed by :func:`gumbel_perturb`, so this top k is a random draw.
 
     ``level`` is a float or a per-image tensor [B] (training samples one level per image).
     """
