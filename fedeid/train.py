@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
-from fedeid.deid.blocking import block_mask, cohort_matchability, gumbel_perturb, identity_relevance, patch_grid
+from fedeid.deid.blocking import (block_mask, cohort_matchability, gumbel_perturb, identity_relevance,
+                                  patch_grid)
 from fedeid.models.backbone import ConvNet
 from fedeid.models.decoupler import cross_correlation, rate_nats
 from fedeid.models.deid_model import DeIdModel

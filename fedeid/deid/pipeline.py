@@ -6,9 +6,9 @@ the site that runs it, and turns images at the model's size into de-identified i
 privacy level.
 
 Every release is random: the blocked patches, the medical code and the re-texturing noise are
-drawn from a seed taken from ``os.urandom`` unless the caller passes one (tests, reproducible examples). A
-fixed seed makes two releases of the same image linkable by anyone holding the model; never fix
-it for data that leaves the site.
+drawn from a seed taken from ``os.urandom`` unless the caller passes one (tests, reproducible
+examples). A fixed seed makes two releases of the same image linkable by anyone holding the
+model; never fix it for data that leaves the site.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class DeIdentifier:
         m = self.cfg.model
         generator = generator or self.release_generator(None)
         scores = identity_relevance(self.reid, x, self.image_size, m.patch_size, m.matchability_weight)
-        mask = block_mask(gumbel_perturb(scores, m.mask_temperature, generator), level, self.image_size, m.patch_size)
+        scores = gumbel_perturb(scores, m.mask_temperature, generator)  # which patches: drawn per release
+        mask = block_mask(scores, level, self.image_size, m.patch_size)
         if level == 0:
             return x.clone(), mask
         if compensate:

@@ -5,9 +5,9 @@ synthesised; visible regions are re-rendered: their low-pass (a Gaussian whose s
 the level) keeps the macro anatomy a reader needs, while the fine texture above it — vessel and
 bone detail that keypoint and patch matchers identify a patient by — is replaced by the decoder's
 own high frequencies plus noise of the same energy (times 1 - level, like the code: the energy
-is a measurement of the original). The medical code is sampled and the noise is
-drawn per release, so two releases of one image differ (a model holder cannot link them by
-re-running the model). Blocked and re-rendered regions are blended over a feathered mask.
+is a measurement of the original). The medical code is sampled and the noise is drawn per
+release, so two releases of one image differ (a model holder cannot link them by re-running the
+model). Blocked and re-rendered regions are blended over a feathered mask.
 
 The medical code itself passes a bottleneck tied to the level (:meth:`DeIdModel.release_code`):
 what the finding head reads from it (its projection on the head's rows, pooled over the image) is
