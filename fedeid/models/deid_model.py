@@ -87,7 +87,7 @@ class DeIdModel(nn.Module):
         findings = onto(code.mean(dim=(2, 3), keepdim=True)).expand_as(code)
         noise = randn_like(code, generator)
         noise = noise - onto(noise)
-        keep = (1 - torch.as_tensor(level, dtype=code.dtype, device=code.device).reshape(-1)).view(-1, 1, 1, 1)
+        keep = original_weight(level, code).view(-1, 1, 1, 1)
         return keep * code + (1 - keep) * findings + (1 - keep.pow(2)).clamp(min=0).sqrt() * noise
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, level: float | torch.Tensor,
@@ -114,13 +114,19 @@ class DeIdModel(nn.Module):
         noise = randn_like(x, generator)
         noise_high = noise - gaussian_blur(noise, sigma)
         x_high = x - gaussian_blur(x, sigma)
-        keep = (1 - torch.as_tensor(level, dtype=x.dtype, device=x.device).reshape(-1)).clamp(min=0)
+        keep = original_weight(level, x).clamp(min=0)
         missing = keep * (x_high.flatten(1).var(1) - gen_high.detach().flatten(1).var(1)).clamp(min=0)
         scale = missing.sqrt() / (noise_high.flatten(1).std(1) + 1e-8)
         texture = noise_high * scale.view(-1, 1, 1, 1)
         soft = feather(mask, self.feather_sigma)
         out = soft * gen + (1 - soft) * (low + gen_high) + texture
         return out, gen, codes, released
+
+
+def original_weight(level: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``1 - level`` per image ([B], or [1] for a float), on ``like``'s device and dtype: the weight
+    anything measured on the original keeps in a release (the code's residual, the texture energy)."""
+    return 1 - torch.as_tensor(level, dtype=like.dtype, device=like.device).reshape(-1)
 
 
 def build_deid_model(cfg: Config) -> DeIdModel:
