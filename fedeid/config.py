@@ -135,7 +135,7 @@ class EvalConfig:
     classifier_size: int = 64  # the finding classifier sees images resized to this
     # the attacker suite (fedeid.eval.attackers); privacy figures are the worst case over it
     attackers: tuple[str, ...] = ("learned", "adaptive", "keypoint", "patch", "foundation", "foundation_tuned",
-                                  "model_holder")
+                                  "model_holder", "fusion")
     attacker_size: int = 64  # the learned attacker sees images at this size (128: 4x the cost of every adaptive retraining)
     patch_shift: int = 4  # patch attacker: pixels of shift searched (acquisitions move ~2 px, rotate ~3 deg)
     patch_top_k: int = 8  # patch attacker: mean of this many best-matching patches (of 64 at 128 px)

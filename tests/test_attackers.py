@@ -16,7 +16,8 @@ from fedeid.config import preset
 from fedeid.data.imageset import ImageSet
 from fedeid.data.synthetic import generate
 from fedeid.eval.attackers import (ATTACKERS, AttackSuite, EmbeddingMatcher, FoundationFeatures, KeypointMatcher,
-                                   PatchMatcher, fit_projection, split_gallery, to_uint8, worst_case)
+                                   PatchMatcher, fit_projection, fused, split_gallery, standardised, to_uint8,
+                                   worst_case)
 from fedeid.eval.metrics import cosine_similarity, similarity_metrics
 
 
@@ -111,6 +112,27 @@ def test_projection_learns_identity_from_features():
     assert p_at_1(fit_projection(feats, ids)(feats)) > 0.9
 
 
+def test_fusion_adds_up_attackers_that_fail_on_different_queries():
+    """Two attackers each find half of the patients and score the rest at random; their fusion
+    finds all of them, whatever each one's scale (inlier counts beside cosines)."""
+    rng = np.random.default_rng(0)
+    n = 20
+    ids = np.arange(n)
+    a = rng.uniform(0, 1, (n, n))
+    b = rng.uniform(0, 1, (n, n)) * 50  # another scale
+    a[ids[:10], ids[:10]] = 3.0  # a is confident on the first half
+    b[ids[10:], ids[10:]] = 150.0  # b on the second
+    assert similarity_metrics(a, ids, ids)["p_at_1"] < 0.8 and similarity_metrics(b, ids, ids)["p_at_1"] < 0.8
+    both = fused({"a": a, "b": b})
+    assert set(both) == {"a+b"}
+    assert similarity_metrics(both["a+b"], ids, ids)["p_at_1"] == 1.0
+    assert set(fused({"a": a, "b": b, "c": a})) == {"a+b", "a+c", "b+c", "all"}
+    assert fused({"a": a}) == {}
+    z = standardised(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [np.nan, 0.0, 1.0]]))
+    np.testing.assert_allclose(z[0], [-1.2247449, 0, 1.2247449], rtol=1e-6)
+    assert np.all(z[1] == 0) and np.isfinite(z).all()  # a constant row carries nothing; NaN is no score
+
+
 def test_worst_case_takes_each_figure_from_the_strongest_attacker():
     a = {"p_at_1": 0.2, "map_at_r": 0.5, "verification_auc": 0.9, "tpr_at_fpr_1e-2": 0.1,
          "tpr_at_fpr_1e-3": float("nan"), "chance_p_at_1": 0.1, "n_queries": 10}
@@ -146,3 +168,9 @@ def test_suite_on_the_test_preset(data):
     assert calls == [len(test), len(train), len(suite.gallery)]
     with pytest.raises(ValueError, match="unknown attackers"):
         AttackSuite(train, test, cfg, attackers=("sift",))
+    # the fusion is never below the best attacker it fuses, and names what it used
+    both = suite.score(lambda im, lv: im, 0.0, attackers=("keypoint", "patch", "fusion"))
+    assert both["fusion"]["p_at_1"] >= max(both["keypoint"]["p_at_1"], both["patch"]["p_at_1"])
+    assert both["fusion"]["matcher"] in {"keypoint", "patch", "keypoint+patch"}
+    with pytest.raises(ValueError, match="fusion attacker needs"):
+        suite.score(lambda im, lv: im, 0.0, attackers=("fusion",))

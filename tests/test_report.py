@@ -54,7 +54,9 @@ def test_report_has_every_figure_for_every_method_and_level(bench, tmp_path):
             # the worst case is the strongest attacker, and names it
             assert m["worst_p_at_1"][i] == max(per)
             assert m["attacks"][m["worst_attacker"][i]]["p_at_1"][i] == max(per)
-            assert m["attacks"]["model_holder"]["matcher"][i] in ATTACKERS
+            for combined in ("model_holder", "fusion"):  # a matcher, or a fusion of some ("a+b", "all")
+                used = m["attacks"][combined]["matcher"][i]
+                assert used == "all" or set(used.split("+")) <= set(ATTACKERS), used
         # level 0 changes nothing: same figures for every method, perfect quality
         assert m["ssim"][0] == 1.0 and m["worst_p_at_1"][0] == results["reference"]["worst_p_at_1_original"]
         assert all(0.0 <= p <= 1.0 for p in m["worst_p_at_1"])

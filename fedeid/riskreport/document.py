@@ -101,6 +101,8 @@ ATTACKER_WORDS = {
     "foundation_tuned": "foundation_tuned — those features with a projection tuned on known patients",
     "model_holder": "model holder — someone holding this model, who de-identifies the archive too to compare "
                     "like with like",
+    "fusion": "fusion — the attackers' scores combined (standardised and summed), so that what each one "
+              "finds on different images adds up",
 }
 
 
