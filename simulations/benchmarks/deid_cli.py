@@ -2,7 +2,7 @@
 images, paired in the same rounds with a classical peer on the same files.
 
 The files are the synthetic benchmark's held-out test radiographs (16-bit PNGs, written by
-``fedeid generate``). Sets of 1 image, the test set (60 at the quick preset) and five times it
+``fedeid generate``). Sets of 1 image, the test set (120 at the quick preset) and five times it
 (distinct files) are each given to every command as one folder; the figure is images / wall time
 of the whole command (interpreter start, imports, loading the checkpoint, reading, de-identifying,
 writing atomically with the manifest), as a site would run it. Rounds alternate the order of the
