@@ -40,6 +40,11 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
+# at most this many native pixels in one batch of transform_images (32 Mpx: about 128 MB of float32
+# inputs, and as much again for their outputs, whatever the images' sizes)
+BATCH_PIXELS = 32 * 1024 * 1024
+
+
 def parse_override(item: str) -> tuple[str, str]:
     """``KEY=VALUE`` (a ``--set`` item) -> (key, value), or ValueError naming the item."""
     key, sep, value = item.partition("=")
@@ -91,6 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS,
                    help="expect this method's checkpoint (default: whichever --model holds)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images through the network at once (default 16; fewer when they are large)")
     p.set_defaults(func=cmd_deid)
 
     p = sub.add_parser("evaluate", description="Train fedeid centrally (or load --model), then measure re-identification "
@@ -178,8 +185,11 @@ def output_name(rel: Path) -> Path:
 def cmd_deid(args: argparse.Namespace) -> int:
     if not 0.0 <= args.level <= 1.0:
         raise ValueError(f"--level must lie in [0, 1], got {args.level}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     def build() -> tuple[Callable[[Any], Any], dict[str, Any]]:
+        from fedeid.deid.native import deidentify_natives
         from fedeid.deid.pipeline import DeIdentifier
         from fedeid.eval.calibration import describe_level
 
@@ -192,9 +202,13 @@ def cmd_deid(args: argparse.Namespace) -> int:
         settings = {"level": args.level, "model_sha256": file_sha256(args.model),
                     "reid_sha256": file_sha256(args.reid) if args.reid else None,
                     **({"prior_sha256": file_sha256(args.prior)} if args.prior else {})}
-        return (lambda image: deidentifier.deidentify_native(image, args.level)[0]), settings
+        def release(images: list[Any]) -> list[Any]:
+            return [out for out, _ in deidentify_natives(deidentifier, images, args.level, batch_size=len(images))]
 
-    done, kept, failed, manifest = transform_images(args, "deid", build, stage="de-identify")
+        return release, settings
+
+    done, kept, failed, manifest = transform_images(args, "deid", build, stage="de-identify",
+                                                    batch_size=args.batch_size)
     again = f" ({kept} unchanged since the last run, kept)" if kept else ""
     print(f"de-identified {done + kept} image(s) at level {args.level:g}{again}; {failed} failed; "
           f"manifest: {manifest}")
@@ -202,16 +216,18 @@ def cmd_deid(args: argparse.Namespace) -> int:
 
 
 def transform_images(args: argparse.Namespace, kind: str,
-                     build: Callable[[], tuple[Callable[[Any], Any], dict[str, Any]]], *,
-                     stage: str) -> tuple[int, int, int, Path]:
-    """Write ``fn(image)`` for every image under ``args.input`` as a 16-bit PNG under ``args.output``.
+                     build: Callable[[], tuple[Callable[[list[Any]], list[Any]], dict[str, Any]]], *,
+                     stage: str, batch_size: int = 1) -> tuple[int, int, int, Path]:
+    """Write ``fn(images)`` for every image under ``args.input`` as a 16-bit PNG under ``args.output``.
 
     The one batch loop of ``deid`` and ``counterfactual``: the output folder is checked (never
     inside an input, nothing replaced that fedeid did not write unless ``--overwrite``) before
-    ``build()`` loads the model and returns ``fn`` with the run's settings (model hash, level);
-    a bad file is reported and the batch goes on; a rerun with the same settings keeps outputs
-    of unchanged inputs; the run is recorded in the audit log. Returns (done, kept, failed,
-    manifest path).
+    ``build()`` loads the model and returns ``fn`` (a list of images -> their results) with the
+    run's settings (model hash, level); ``fn`` gets up to ``batch_size`` images at a time (and
+    at most :data:`BATCH_PIXELS` pixels: native images can be large). A bad file is reported and
+    the batch goes on — a batch whose ``fn`` call fails is retried image by image, so the bad
+    image names itself; a rerun with the same settings keeps outputs of unchanged inputs; the
+    run is recorded in the audit log. Returns (done, kept, failed, manifest path).
     """
     files = find_images(args.input)
     out = OutputFolder(args.output, [args.input], kind, overwrite=args.overwrite)
@@ -227,6 +243,36 @@ def transform_images(args: argparse.Namespace, kind: str,
     out.resume(settings)
     base = args.input if args.input.is_dir() else args.input.parent
     done, kept, failed = 0, 0, 0
+    pending: list[tuple[Path, Path, str, Path, Any]] = []  # (input, relative path, stamp, target, image)
+
+    def fail(path: Path, rel: Path, exc: InputError | OSError) -> None:
+        nonlocal failed
+        error = exc if isinstance(exc, InputError) else InputError(path, f"cannot write its output: "
+                                                                        f"{exc.strerror or exc}")
+        progress.message(f"fedeid: {error}")
+        out.record(str(rel), None, "failed", error.reason)
+        failed += 1
+
+    def flush() -> None:
+        nonlocal done
+        try:
+            results: list[Any] | None = fn([item[4] for item in pending])
+        except InputError:
+            results = None  # one image of the batch is bad: find it, image by image
+        for k, (path, rel, stamp, target, image) in enumerate(pending):
+            try:
+                result = results[k] if results is not None else fn([image])[0]
+                pixels = np.round(result * 65535).astype(np.uint16)
+                atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
+            except (InputError, OSError) as exc:
+                fail(path, rel, exc)
+            else:
+                out.record(str(rel), output_name(rel), "deidentified", stamp=stamp)
+                done += 1
+            finally:
+                progress.update()
+        pending.clear()
+
     with out, Progress(len(files), stage, "image", enabled=not args.no_progress) as progress:
         for path in files:
             rel = path.relative_to(base)
@@ -234,22 +280,18 @@ def transform_images(args: argparse.Namespace, kind: str,
                 stamp = file_stamp(path)
                 if out.unchanged(str(rel), output_name(rel), stamp):
                     kept += 1
+                    progress.update()
                     continue
                 target = out.claim(output_name(rel), str(path))
-                result = fn(read_image(path))
-                pixels = np.round(result * 65535).astype(np.uint16)
-                atomic_save(target, lambda fh, px=pixels: Image.fromarray(px).save(fh, format="PNG"))
+                image = read_image(path)
             except (InputError, OSError) as exc:
-                error = exc if isinstance(exc, InputError) else InputError(path, f"cannot write its output: "
-                                                                                f"{exc.strerror or exc}")
-                progress.message(f"fedeid: {error}")
-                out.record(str(rel), None, "failed", error.reason)
-                failed += 1
-            else:
-                out.record(str(rel), output_name(rel), "deidentified", stamp=stamp)
-                done += 1
-            finally:
+                fail(path, rel, exc)
                 progress.update()
+                continue
+            pending.append((path, rel, stamp, target, image))
+            if len(pending) >= batch_size or sum(item[4].size for item in pending) >= BATCH_PIXELS:
+                flush()
+        flush()
     record(f"{kind}.images", inputs=files, model=args.model, **settings,
            outcome={"done": done, "kept": kept, "failed": failed})
     return done, kept, failed, out.manifest_path

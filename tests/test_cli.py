@@ -145,7 +145,39 @@ def test_foreign_files_are_kept_unless_overwrite_and_reruns_replace_their_own(tm
     assert (out / "notes.txt").read_bytes() == b"unrelated"
 
 
-def test_an_interrupted_batch_leaves_its_manifest_and_resumes(tmp_path, model, monkeypatch, capsys):
+def test_a_batch_keeps_each_images_size_and_a_failing_batch_names_its_bad_image(tmp_path, model, monkeypatch,
+                                                                                capsys):
+    """Images of different sizes share a batch and come back at their own sizes; when the batch's
+    network call fails, each image is retried alone, so only the bad one fails and names itself."""
+    import fedeid.deid.native as native
+    from fedeid.io import InputError
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shapes = {"a.png": (40, 40), "b.png": (97, 150), "c.png": (64, 31)}
+    for i, (name, shape) in enumerate(shapes.items()):
+        write_png(src / name, seed=i, shape=shape)
+    real = native.deidentify_natives
+
+    def refuse_tall(model_, images, level, seed=None, batch_size=16):
+        if any(image.shape == (97, 150) for image in images):
+            raise InputError("b.png", "refused by the test")
+        return real(model_, images, level, seed, batch_size)
+
+    monkeypatch.setattr(native, "deidentify_natives", refuse_tall)
+    assert main(["deid", str(src), str(out), "--model", str(model), "--level", "0.5", "--no-progress"]) == 1
+    assert "b.png: refused by the test" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "c.png"]
+    for name in ("a.png", "c.png"):
+        assert np.asarray(Image.open(out / name)).shape == shapes[name]
+    monkeypatch.setattr(native, "deidentify_natives", real)
+    assert main(["deid", str(src), str(out), "--model", str(model), "--level", "0.5", "--no-progress"]) == 0
+    assert np.asarray(Image.open(out / "b.png")).shape == (97, 150)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_an_interrupted_batch_leaves_its_manifest_and_resumes(tmp_path, model, monkeypatch, capsys, batch):
+    """Images go through the network ``--batch-size`` at a time: an interrupt loses the images
+    read but not yet written (none with batch 1), and the rerun does exactly those."""
     import fedeid.data.loaders as loaders
 
     src, out = tmp_path / "in", tmp_path / "out"
@@ -161,16 +193,23 @@ def test_an_interrupted_batch_leaves_its_manifest_and_resumes(tmp_path, model, m
         return read(path)
 
     monkeypatch.setattr(loaders, "read_image", read_then_stop)
-    args = ["deid", str(src), str(out), "--model", str(model), "--level", "0"]
+    args = ["deid", str(src), str(out), "--model", str(model), "--batch-size", str(batch), "--level", "0"]
     assert main(args) == 130
-    assert json.loads((out / MANIFEST_NAME).read_text())["outputs"] == ["0.png"]
+    if batch == 1:
+        written = ["0.png"]
+        assert json.loads((out / MANIFEST_NAME).read_text())["outputs"] == written
+    else:  # 0.png was still waiting for its batch: nothing was written, so no manifest either
+        written = []
+        assert not out.exists() or not any(out.iterdir())
     calls.clear()
     stop_at.clear()
     assert main(args) == 0 and sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png", "2.png"]
-    assert [p.name for p in calls] == ["1.png", "2.png"]  # 0.png was done and is kept, not redone
-    assert "3 image(s) at level 0 (1 unchanged since the last run, kept)" in capsys.readouterr().out
+    assert [p.name for p in calls] == [f"{i}.png" for i in range(len(written), 3)]  # what was done is kept
+    done = capsys.readouterr().out
+    assert ("3 image(s) at level 0 (1 unchanged since the last run, kept)" in done if written
+            else "de-identified 3 image(s) at level 0;" in done)
     assert main([*args[:-1], "0.5"]) == 0  # other settings: everything is redone
-    assert len(calls) == 5
+    assert len(calls) == 6 - len(written)
 
 
 def test_generate_reruns_into_its_own_folder_but_never_over_a_users_file(tmp_path, capsys):

@@ -22,7 +22,8 @@ class FakeModel:
         self.fill = fill
         self.calls: list[np.ndarray] = []
 
-    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16, compensate: bool = True,
+                   seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         assert images.dtype == np.float32 and images.shape[1:] == (self.image_size, self.image_size)
         assert images.min() >= 0.0 and images.max() <= 1.0
         self.calls.append(images.copy())

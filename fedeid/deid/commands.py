@@ -39,7 +39,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         model = DeIdentifier.load(args.model, device=args.device, method="replace")
         targets.update(parse_findings(args.findings, model.findings))
         settings = {"findings": sorted(args.findings), "model_sha256": file_sha256(args.model)}
-        return (lambda image: model.counterfactual_native(image, targets)), settings
+        return (lambda images: [model.counterfactual_native(image, targets) for image in images]), settings
 
     done, kept, failed, manifest = transform_images(args, "counterfactual", build, stage="counterfactual")
     setting = ", ".join(f"{k}={v}" for k, v in targets.items())

@@ -23,7 +23,8 @@ import torch
 from fedeid.checkpoint import DEFAULT_MODALITIES, load_checkpoint, save_checkpoint
 from fedeid.config import Config
 from fedeid.deid.blocking import block_mask, gumbel_perturb, identity_relevance, patch_grid
-from fedeid.imaging import compose_native, resize_array
+from fedeid.deid.native import deidentify_natives
+from fedeid.imaging import compose_native
 from fedeid.io import InputError
 from fedeid.models.deid_model import DeIdModel, cfg_findings, load_shared_state, shared_state
 from fedeid.models.reid import ReIDNet
@@ -171,12 +172,7 @@ class DeIdentifier:
     def deidentify_native(self, image: np.ndarray, level: float,
                           seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One image [H, W] in [0, 1] at its own resolution -> (de-identified [H, W], blocked mask [H, W])."""
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim != 2:
-            raise ValueError(f"expected one grey image [H, W], got shape {image.shape}")
-        small = resize_array(image, self.image_size)
-        out, mask = self.deidentify(small[None], level, seed=seed)
-        return self.compose_native(image, small, out[0], mask[0], level)
+        return next(deidentify_natives(self, [image], level, seed))
 
     def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
                        level: float) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ import torch
 
 from fedeid.checkpoint import DEFAULT_MODALITIES, save_checkpoint
 from fedeid.config import Config
+from fedeid.deid.native import deidentify_natives
 from fedeid.imaging import resize, resize_array
 from fedeid.io import InputError
 from fedeid.models.deid_model import cfg_findings
@@ -146,14 +147,10 @@ class ReplaceDeIdentifier:
         out = torch.cat(outs)[:, 0].numpy().astype(np.float32) if outs else images.astype(np.float32)
         return out, np.full(images.shape, level > 0, dtype=bool)
 
-    def deidentify_native(self, image: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    def deidentify_native(self, image: np.ndarray, level: float,
+                          seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One image [H, W] -> (de-identified [H, W], generated-pixel mask): the generation upsampled."""
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim != 2:
-            raise ValueError(f"expected one grey image [H, W], got shape {image.shape}")
-        small = resize_array(image, self.image_size)
-        out, mask = self.deidentify(small[None], level)
-        return self.compose_native(image, small, out[0], mask[0], level)
+        return next(deidentify_natives(self, [image], level, seed))
 
     def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
                        level: float) -> tuple[np.ndarray, np.ndarray]:

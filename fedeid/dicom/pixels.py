@@ -32,6 +32,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from fedeid.deid.native import ModelSizeDeIdentifier, deidentify_natives
+
 # Transfer syntaxes whose decoding is certainly lossy, and the method code (Lossy Image
 # Compression Method, PS3.3 C.7.6.1.1.5) to record when the source did not.
 LOSSY_SYNTAXES = {
@@ -43,17 +45,11 @@ GREY = ("MONOCHROME1", "MONOCHROME2")
 LOW_PCT, HIGH_PCT = 0.5, 99.5
 
 
-class PixelModel(Protocol):
-    """What the pixel path needs of :class:`fedeid.deid.pipeline.DeIdentifier`."""
+class PixelModel(ModelSizeDeIdentifier, Protocol):
+    """What the pixel path needs of :class:`fedeid.deid.pipeline.DeIdentifier` (either method)."""
 
-    image_size: int
     level_range: tuple[float, float]
     modalities: tuple[str, ...]
-
-    def deidentify(self, images: np.ndarray, level: float, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def compose_native(self, native: np.ndarray, small: np.ndarray, out: np.ndarray, mask: np.ndarray,
-                       level: float) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -172,19 +168,10 @@ def deidentify_pixels(ds: Dataset, model: PixelModel, level: float, batch_size: 
         unit[k] = 1.0 - x if invert else x
         windows.append((float(lo), float(hi)))
 
-    # torch is imported here, not at module level: header-only runs (and their worker processes)
-    # never touch pixels and start faster without it.
-    from fedeid.imaging import resize_array
-
-    small = resize_array(unit, int(model.image_size))
-    small = np.clip(small, 0.0, 1.0).astype(np.float32)
-    synth, mask = model.deidentify(small, level, batch_size=batch_size)
-
     lo_v, hi_v = stored_range(ds)
     out = frames.copy()
     blocked = 0
-    for k in range(len(frames)):
-        y_up, m_up = model.compose_native(unit[k], small[k], synth[k], mask[k], level)
+    for k, (y_up, m_up) in enumerate(deidentify_natives(model, unit, level, batch_size=batch_size)):
         changed = y_up != unit[k]
         if not changed.any():
             continue
