@@ -11,7 +11,8 @@ commands, so that load from other jobs falls on all of them alike; the median ro
 Commands:
 
 * ``fedeid deid --level 0.5`` and ``--level 1`` — the checkpoint of ``--model``, or, by default,
-  an untrained network of ``--preset`` (speed does not depend on training);
+  an untrained network of ``--preset`` (speed does not depend on training); and ``--level 0.5
+  --batch-size 1``, one image through the network at a time (what the command did before);
 * ``opencv blur`` — the peer: the Gaussian-blur de-identification a site could script instead
   (OpenCV, one ``python -c`` command: read each 16-bit PNG, blur it with the blur baseline's
   sigma, write a 16-bit PNG). It is a floor of reading and writing the same files, not an equal:
@@ -64,11 +65,12 @@ def fedeid_cmd(*args: str) -> list[str]:
 
 
 def commands(model: Path) -> dict[str, Callable[[Path, Path], list[str]]]:
-    deid = lambda level: lambda src, out: fedeid_cmd(  # noqa: E731
-        "deid", str(src), str(out), "--model", str(model), "--level", level, "--no-progress")
+    deid = lambda *opts: lambda src, out: fedeid_cmd(  # noqa: E731
+        "deid", str(src), str(out), "--model", str(model), *opts, "--no-progress")
     return {
-        "fedeid deid --level 0.5": deid("0.5"),
-        "fedeid deid --level 1": deid("1"),
+        "fedeid deid --level 0.5": deid("--level", "0.5"),
+        "fedeid deid --level 1": deid("--level", "1"),
+        "fedeid deid --level 0.5 --batch-size 1": deid("--level", "0.5", "--batch-size", "1"),
         "opencv blur (peer)": lambda src, out: [sys.executable, "-c", PEER, str(src), str(out)],
     }
 
