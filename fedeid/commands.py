@@ -188,7 +188,7 @@ def cmd_deid(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
-    def build() -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    def build() -> tuple[Callable[[list[Any]], list[Any]], dict[str, Any]]:
         from fedeid.deid.native import deidentify_natives
         from fedeid.deid.pipeline import DeIdentifier
         from fedeid.eval.calibration import describe_level
@@ -202,6 +202,7 @@ def cmd_deid(args: argparse.Namespace) -> int:
         settings = {"level": args.level, "model_sha256": file_sha256(args.model),
                     "reid_sha256": file_sha256(args.reid) if args.reid else None,
                     **({"prior_sha256": file_sha256(args.prior)} if args.prior else {})}
+
         def release(images: list[Any]) -> list[Any]:
             return [out for out, _ in deidentify_natives(deidentifier, images, args.level, batch_size=len(images))]
 
