@@ -36,8 +36,9 @@ Attackers (``names``):
 * ``fusion`` — score-level fusion (:func:`fused`): each attacker's similarities standardised per
   query (z-scores over the gallery) and summed, over all the attackers above and over every pair
   of them; it reports the fusion (or single attacker) that re-identifies best, an oracle choice
-  like the model holder's, so it is never below the best of its inputs. Attackers that fail on different queries add up: measured on the quick preset's
-  central model at level 0.2, adaptive (0.68) and patch (0.45) fused linked 0.78.
+  like the model holder's, so it is never below the best of its inputs. Attackers that fail on
+  different queries add up: measured on the quick preset's central model at level 0.2,
+  adaptive (0.68) and patch (0.45) fused linked 0.78.
 
 Attackers whose result does not depend on the method (the learned network, the gallery's
 keypoints, foundation features) are fitted or computed once, in the constructor.
@@ -365,21 +366,20 @@ class AttackSuite:
         if "fusion" in names:
             if not sims:
                 raise ValueError("the fusion attacker needs at least one other attacker of the suite to fuse")
-            candidates = {**sims, **fused(sims)}  # a single attacker is the fusion that weighs the rest 0
-            notes["fusion"] = self._best(candidates)
-            sims["fusion"] = candidates[notes["fusion"]]
+            notes["fusion"], sims["fusion"] = self._strongest(sims)
         if holder:
             held = method(self.test.images[self.gallery], level)
-            candidates = {n: m.match(queries, m.prepare(held)) for n, m in matchers.items()}
-            candidates = {**candidates, **fused(candidates)}
-            notes["model_holder"] = self._best(candidates)
-            sims["model_holder"] = candidates[notes["model_holder"]]
+            notes["model_holder"], sims["model_holder"] = self._strongest(
+                {n: m.match(queries, m.prepare(held)) for n, m in matchers.items()})
         return {n: sims[n] for n in names}, notes  # in the suite's order
 
-    def _best(self, candidates: dict[str, np.ndarray]) -> str:
-        """The candidate that re-identifies best (P@1, then mAP@R): an oracle choice."""
+    def _strongest(self, sims: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+        """Of these attackers and their fusions (a single attacker is the fusion that weighs the
+        rest 0), the one that re-identifies best (P@1, then mAP@R): an oracle choice."""
+        candidates = {**sims, **fused(sims)}
         scored = {n: similarity_metrics(s, self.query_ids, self.gallery_ids) for n, s in candidates.items()}
-        return max(scored, key=lambda n: (scored[n]["p_at_1"], scored[n]["map_at_r"]))
+        best = max(scored, key=lambda n: (scored[n]["p_at_1"], scored[n]["map_at_r"]))
+        return best, candidates[best]
 
     def similarities(self, method: Method, level: float, deid_test: np.ndarray | None = None,
                      deid_train: np.ndarray | None = None,
