@@ -28,15 +28,14 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from paired_runs import ROOT, Command, all_rounds, fedeid_command, median_rates, paired_rounds
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -58,14 +57,8 @@ for p in sorted(src.rglob('*.png')):
 """
 
 
-def fedeid_cmd(*args: str) -> list[str]:
-    """The ``fedeid`` console script as the installed entry point runs it (``fedeid.cli:main``)."""
-    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from fedeid.cli import main; "
-            "sys.exit(main())", *args]
-
-
-def commands(model: Path) -> dict[str, Callable[[Path, Path], list[str]]]:
-    deid = lambda *opts: lambda src, out: fedeid_cmd(  # noqa: E731
+def commands(model: Path) -> dict[str, Command]:
+    deid = lambda *opts: lambda src, out: fedeid_command(  # noqa: E731
         "deid", str(src), str(out), "--model", str(model), *opts, "--no-progress")
     return {
         "fedeid deid --level 0.5": deid("--level", "0.5"),
@@ -112,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         generated = tmp_path / "generated"
-        subprocess.run(fedeid_cmd("generate", "--preset", args.preset, "--out", str(generated), "--no-progress"),
+        subprocess.run(fedeid_command("generate", "--preset", args.preset, "--out", str(generated), "--no-progress"),
                        check=True, capture_output=True)
         model = args.model
         if model is None:
@@ -122,23 +115,10 @@ def main() -> None:
             model = tmp_path / "untrained.pt"
             DeIdentifier.build(preset(args.preset), device="cpu").save(model)
         sets = image_sets(generated, tmp_path / "in")
-        cmds = commands(model)
-        seconds: dict[int, dict[str, list[float]]] = {n: {c: [] for c in cmds} for n in sets}
-        written: dict[int, dict[str, int]] = {n: {} for n in sets}
-        for r in range(args.rounds):
-            for n, src in sets.items():
-                for k, name in enumerate(list(cmds) if r % 2 == 0 else list(reversed(cmds))):
-                    out = tmp_path / "out" / f"{r}-{n}-{k}"
-                    took, written[n][name] = wall(cmds[name](src, out), out)
-                    seconds[n][name].append(took)
-                    shutil.rmtree(out, ignore_errors=True)
+        seconds, written = paired_rounds(commands(model), sets, args.rounds, tmp_path / "out", wall)
 
     peer = "opencv blur (peer)"
-    by_files = {
-        str(n): {name: {"seconds": round(statistics.median(v), 3), "images_per_s": round(n / statistics.median(v), 2),
-                        "images_written": written[n][name]} for name, v in by_cmd.items()}
-        for n, by_cmd in seconds.items()
-    }
+    by_files = {str(n): v for n, v in median_rates(seconds, written, "images").items()}
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "load_average_at_end": os.getloadavg()[0],
@@ -146,7 +126,7 @@ def main() -> None:
         "model": str(args.model) if args.model else f"untrained preset('{args.preset}')",
         "rounds": args.rounds,
         "by_files": by_files,
-        "all_rounds_seconds": {str(n): {k: [round(x, 3) for x in v] for k, v in t.items()} for n, t in seconds.items()},
+        "all_rounds_seconds": all_rounds(seconds),
         "peer_seconds_over_fedeid_seconds": {
             n: {name: round(v[peer]["seconds"] / v[name]["seconds"], 3) for name in v if name != peer}
             for n, v in by_files.items()

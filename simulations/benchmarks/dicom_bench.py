@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from fedeid.dicom.pipeline import DicomDeidentifier
 from fedeid.dicom.profile import ProfileOptions
 from fedeid.dicom.pseudonyms import Keyring
 from fedeid.io import atomic_write_json
+from paired_runs import Command, all_rounds, fedeid_command, median_rates, paired_rounds
 
 
 def corpus(dest: Path) -> list[Path]:
@@ -115,13 +115,11 @@ def _copies(common: list[Path], dest: Path, times: int) -> Path:
     return dest
 
 
-def _commands(secret: Path) -> dict[str, Callable[[Path, Path], list[str]]]:
+def _commands(secret: Path) -> dict[str, Command]:
     py = sys.executable
-    repo = str(Path(__file__).resolve().parents[2])
     return {
-        "fedeid": lambda src, out: [py, "-c", f"import sys; sys.path.insert(0, {repo!r}); from fedeid.cli import main; "
-                                    "sys.exit(main())", "dicom", "deid", str(src), str(out),
-                                    "--secret-file", str(secret), "--no-progress"],
+        "fedeid": lambda src, out: fedeid_command("dicom", "deid", str(src), str(out), "--secret-file", str(secret),
+                                                  "--no-progress"),
         "dicognito": lambda src, out: [py, "-m", "dicognito", "--quiet", "-o", str(out), str(src)],
         "dicom-anonymizer": lambda src, out: [str(Path(py).parent / "dicom-anonymizer"), str(src), str(out)],
     }
@@ -168,28 +166,8 @@ def main() -> None:
         }
         secret = tmp_path / "site.key"
         secret.write_text(os.urandom(32).hex())
-        commands = _commands(secret)
-        seconds: dict[int, dict[str, list[float]]] = {n: {t: [] for t in commands} for n in sets}
-        written: dict[int, dict[str, int]] = {n: {} for n in sets}
-        for r in range(args.rounds):
-            for n, src in sets.items():
-                order = list(commands) if r % 2 == 0 else list(reversed(commands))
-                for name in order:
-                    out = tmp_path / "out" / f"{r}-{n}-{name}"
-                    wall, written[n][name] = _wall(commands[name](src, out), out)
-                    seconds[n][name].append(wall)
-                    shutil.rmtree(out, ignore_errors=True)
-        header = {
-            n: {
-                name: {
-                    "seconds": round(statistics.median(v), 3),
-                    "files_per_s": round(n / statistics.median(v), 1),
-                    "files_written": written[n][name],
-                }
-                for name, v in by_tool.items()
-            }
-            for n, by_tool in seconds.items()
-        }
+        seconds, written = paired_rounds(_commands(secret), sets, args.rounds, tmp_path / "out", _wall)
+        header = median_rates(seconds, written, "files")
         pixel = None if args.no_pixel else _pixel(args, root, files, tmp_path)
 
     result = {
@@ -200,7 +178,7 @@ def main() -> None:
             "rounds": args.rounds,
             "common_files": len(common),
             "by_files": {str(n): v for n, v in header.items()},
-            "all_rounds_seconds": {str(n): {k: [round(x, 3) for x in v] for k, v in t.items()} for n, t in seconds.items()},
+            "all_rounds_seconds": all_rounds(seconds),
             "fedeid_vs_dicognito": {str(n): round(v["fedeid"]["files_per_s"] / v["dicognito"]["files_per_s"], 2)
                                     for n, v in header.items()},
             "fedeid_vs_dicom_anonymizer": {
