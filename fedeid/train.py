@@ -161,6 +161,11 @@ def train_classifier(data: ImageSet, cfg: Config, *, input_size: int, epochs: in
     return net.eval()
 
 
+def classifier_scores(net: ConvNet, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """A classifier's probabilities [N, F] for images [N, H, W] (evaluation mode, in batches)."""
+    return torch.sigmoid(batched(net.eval(), as_tensor(images), device)).numpy()
+
+
 @torch.no_grad()
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device,
             batch_size: int = 64) -> torch.Tensor:

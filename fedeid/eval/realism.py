@@ -38,7 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
 from fedeid.models.encoder import build_encoder
-from fedeid.train import as_tensor, batched, resolve_device, train_classifier
+from fedeid.train import as_tensor, batched, classifier_scores, resolve_device, train_classifier
 
 DETECTORS = ("learned", "foundation")
 
@@ -89,8 +89,7 @@ def detectability(train_real: np.ndarray, train_released: np.ndarray, test_real:
     data = ImageSet(x_train, np.zeros(len(x_train), dtype=np.int64), y_train[:, None], ("released",),
                     np.zeros(len(x_train), dtype=np.int64))
     net = train_classifier(data, cfg, input_size=cfg.eval.classifier_size, epochs=cfg.eval.classifier_epochs)
-    device = next(net.parameters()).device
-    scores = batched(net, as_tensor(x_test), device)[:, 0].numpy()
+    scores = classifier_scores(net, x_test, next(net.parameters()).device)[:, 0]
     out["learned"] = float(roc_auc_score(y_test, scores))
 
     enc = encoder or build_encoder(cfg.model.encoder, cfg.data.image_size)

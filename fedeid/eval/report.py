@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedeid.config import Config
 from fedeid.data.imageset import ImageSet
@@ -41,10 +40,9 @@ from fedeid.eval.grid import grid_sample, write_counterfactual_grid, write_grid
 from fedeid.eval.metrics import macro_auc, per_finding_auc, psnr, ssim
 from fedeid.eval.plots import pareto_dominance, plot_privacy_utility
 from fedeid.io import atomic_write_json
-from fedeid.models.backbone import ConvNet
 from fedeid.models.deid_model import cfg_findings
 from fedeid.progress import Progress
-from fedeid.train import as_tensor, batched, resolve_device, train_classifier
+from fedeid.train import classifier_scores, resolve_device, train_classifier
 
 DOMINANCE_TOLERANCE = 0.01  # AUC: below the spread of macro AUC over ~100 test images
 
@@ -73,9 +71,6 @@ class Evaluator:
         self.classifier = train_classifier(train, cfg, input_size=e.classifier_size,
                                            epochs=e.classifier_epochs, progress=progress)
 
-    def _scores(self, net: ConvNet, images: np.ndarray) -> np.ndarray:
-        return torch.sigmoid(batched(net.eval(), as_tensor(images), self.device)).numpy()
-
     def score(self, method: Method, level: float, adaptive: bool = True) -> dict[str, Any]:
         """Every figure of one method at one level.
 
@@ -89,7 +84,7 @@ class Evaluator:
         names = None if adaptive else tuple(n for n in self.suite.names if n not in TRAINED_PER_LEVEL)
         attacks = self.suite.score(method, level, deid_test, deid_train, attackers=names)
         worst = attacks.pop("worst_case")
-        scores = self._scores(self.classifier, deid_test)
+        scores = classifier_scores(self.classifier, deid_test, self.device)
         row: dict[str, Any] = {
             "worst_p_at_1": worst["p_at_1"],
             "worst_map_at_r": worst["map_at_r"],
@@ -112,7 +107,7 @@ class Evaluator:
             classifier = train_classifier(self.train.with_images(deid_train), self.cfg,
                                           input_size=self.cfg.eval.classifier_size,
                                           epochs=self.cfg.eval.adaptive_epochs, init=copy.deepcopy(self.classifier))
-            row["utility_auc_retrained"] = macro_auc(self.test.labels, self._scores(classifier, deid_test))
+            row["utility_auc_retrained"] = macro_auc(self.test.labels, classifier_scores(classifier, deid_test, self.device))
         return row
 
     def write_grid(self, methods: dict[str, Method], path: str | Path, n_patients: int = 3) -> None:

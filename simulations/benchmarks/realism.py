@@ -50,7 +50,9 @@ def model_method(spec: str, seed: int) -> tuple[str, Method]:
     if not sep or not name or not rest:
         raise SystemExit(f"--model expects NAME=PATH[,reid=PATH][,prior=PATH], got {spec!r}")
     path, *extras = rest.split(",")
-    kwargs = dict(item.split("=", 1) for item in extras)
+    kwargs = dict(item.split("=", 1) for item in extras if "=" in item)
+    if len(kwargs) != len(extras) or not set(kwargs) <= {"reid", "prior"}:
+        raise SystemExit(f"--model {name}: after the checkpoint only reid=PATH and prior=PATH, got {extras}")
     for p in (path, *kwargs.values()):
         if not Path(p).is_file():
             raise SystemExit(f"--model {name}: {p}: no such checkpoint")
