@@ -352,6 +352,9 @@ def test_malformed_inputs_fail_with_a_reason_and_the_batch_goes_on(tmp_path) -> 
     ds = pydicom.dcmread(good)
     ds.BurnedInAnnotation = "YES"
     ds.save_as(src / "burned_in.dcm")
+    ds = pydicom.dcmread(good)
+    ds.PixelData = b""  # present, zero length: reads back as None
+    ds.save_as(src / "empty_pixels.dcm")
     model = _test_model()
     for runner in (_runner(), _runner(model, 0.5)):
         summary = runner.run(src, tmp_path / f"out-{runner.mode}", progress=False)
@@ -361,6 +364,8 @@ def test_malformed_inputs_fail_with_a_reason_and_the_batch_goes_on(tmp_path) -> 
         assert by["garbage.dcm"].status == "failed" and "not a DICOM file" in by["garbage.dcm"].reason
         assert by["garbage_preamble"].status == "failed"
         assert by["burned_in.dcm"].status == "refused" and "Burned In Annotation" in by["burned_in.dcm"].reason
+        assert by["empty_pixels.dcm"].status == "failed", by["empty_pixels.dcm"]
+        assert "Pixel Data" in by["empty_pixels.dcm"].reason
         if runner.mode == "pixel":
             assert by["no_pixels.dcm"].status == "failed" and "missing Pixel Data" in by["no_pixels.dcm"].reason
             assert by["unknown_syntax.dcm"].status == "failed"

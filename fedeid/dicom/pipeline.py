@@ -315,6 +315,7 @@ class DicomDeidentifier:
                 if "Rows" in ds:
                     raise Failed("missing Pixel Data: the image attributes are there, the pixels are not")
                 raise Refused("no pixel data to de-identify (not an image); use header-only mode")
+            _check_native_length(ds)
             if burned_in and self.level < 1.0:
                 raise Refused(
                     f"Burned In Annotation is YES: below level 1 (here {self.level:g}) the model keeps the "
@@ -708,13 +709,21 @@ def _decoded_bytes(ds: Dataset) -> int:
 
 
 def _check_native_length(ds: Dataset) -> None:
-    """A truncated uncompressed Pixel Data would be copied short: say so instead."""
-    data = ds.get("PixelData")
-    if data is None or not all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+    """A truncated uncompressed Pixel Data would be copied short: say so instead.
+
+    A Pixel Data element that is present but empty reads as ``None``; it is checked as zero
+    bytes, not skipped (a fuzzed file with an emptied element was once passed as de-identified).
+    """
+    if "PixelData" not in ds or not all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
         return
+    data = ds["PixelData"].value or b""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and not UID(syntax).is_transfer_syntax:
+        raise Failed(f"unknown transfer syntax {syntax}: its pixel data cannot be checked or decoded")
     if syntax is not None and UID(syntax).is_encapsulated:
+        if not data:
+            raise Failed("empty encapsulated Pixel Data: not even a Basic Offset Table item")
         _check_fragments(bytes(data))
         return
     expected = _decoded_bytes(ds)
