@@ -355,6 +355,9 @@ def test_malformed_inputs_fail_with_a_reason_and_the_batch_goes_on(tmp_path) -> 
     ds = pydicom.dcmread(good)
     ds.PixelData = b""  # present, zero length: reads back as None
     ds.save_as(src / "empty_pixels.dcm")
+    ds = pydicom.dcmread(good)
+    del ds.BitsAllocated  # Type 1: without it no one can tell whether the pixels are whole
+    ds.save_as(src / "no_bits_allocated.dcm")
     model = _test_model()
     for runner in (_runner(), _runner(model, 0.5)):
         summary = runner.run(src, tmp_path / f"out-{runner.mode}", progress=False)
@@ -366,6 +369,8 @@ def test_malformed_inputs_fail_with_a_reason_and_the_batch_goes_on(tmp_path) -> 
         assert by["burned_in.dcm"].status == "refused" and "Burned In Annotation" in by["burned_in.dcm"].reason
         assert by["empty_pixels.dcm"].status == "failed", by["empty_pixels.dcm"]
         assert "Pixel Data" in by["empty_pixels.dcm"].reason
+        nba = by["no_bits_allocated.dcm"]  # header-only: failed as malformed; pixel mode: refused first
+        assert nba.status in ("failed", "refused") and re.search("Bits ?Allocated", nba.reason), nba
         if runner.mode == "pixel":
             assert by["no_pixels.dcm"].status == "failed" and "missing Pixel Data" in by["no_pixels.dcm"].reason
             assert by["unknown_syntax.dcm"].status == "failed"

@@ -714,8 +714,11 @@ def _check_native_length(ds: Dataset) -> None:
     A Pixel Data element that is present but empty reads as ``None``; it is checked as zero
     bytes, not skipped (a fuzzed file with an emptied element was once passed as de-identified).
     """
-    if "PixelData" not in ds or not all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+    if "PixelData" not in ds:
         return
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
+    if missing:  # Type 1 in the Image Pixel module: without them nobody can tell the pixels are whole
+        raise Failed(f"Pixel Data without {', '.join(missing)}: the image cannot be checked to be whole")
     data = ds["PixelData"].value or b""
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
