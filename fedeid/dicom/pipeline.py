@@ -306,7 +306,7 @@ class DicomDeidentifier:
                     "Burned In Annotation is YES: header-only mode cannot remove text burned into the "
                     "pixels; use pixel mode at level 1"
                 )
-            _check_native_length(ds)
+            _check_pixel_data(ds)
         else:
             why = refusal(ds, self.model)
             if why:
@@ -315,7 +315,7 @@ class DicomDeidentifier:
                 if "Rows" in ds:
                     raise Failed("missing Pixel Data: the image attributes are there, the pixels are not")
                 raise Refused("no pixel data to de-identify (not an image); use header-only mode")
-            _check_native_length(ds)
+            _check_pixel_data(ds)
             if burned_in and self.level < 1.0:
                 raise Refused(
                     f"Burned In Annotation is YES: below level 1 (here {self.level:g}) the model keeps the "
@@ -708,8 +708,11 @@ def _decoded_bytes(ds: Dataset) -> int:
     return (max(0, bits * frames * samples) + 7) // 8
 
 
-def _check_native_length(ds: Dataset) -> None:
-    """A truncated uncompressed Pixel Data would be copied short: say so instead.
+def _check_pixel_data(ds: Dataset) -> None:
+    """Pixel Data that is not whole would be copied damaged: say so instead.
+
+    Native data must be as long as Rows x Columns x bits x frames declare; encapsulated data must
+    be a clean run of fragments; the transfer syntax must be one that says which.
 
     A Pixel Data element that is present but empty reads as ``None``; it is checked as zero
     bytes, not skipped (a fuzzed file with an emptied element was once passed as de-identified).
@@ -721,10 +724,11 @@ def _check_native_length(ds: Dataset) -> None:
         raise Failed(f"Pixel Data without {', '.join(missing)}: the image cannot be checked to be whole")
     data = ds["PixelData"].value or b""
     meta = getattr(ds, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    if syntax is not None and not UID(syntax).is_transfer_syntax:
+    stored = meta.get("TransferSyntaxUID") if meta is not None else None
+    syntax = UID(stored) if stored is not None else None
+    if syntax is not None and not syntax.is_transfer_syntax:
         raise Failed(f"unknown transfer syntax {syntax}: its pixel data cannot be checked or decoded")
-    if syntax is not None and UID(syntax).is_encapsulated:
+    if syntax is not None and syntax.is_encapsulated:
         if not data:
             raise Failed("empty encapsulated Pixel Data: not even a Basic Offset Table item")
         _check_fragments(bytes(data))
