@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".dcm"}
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """``--preset`` and repeated ``--set section.key=value`` (the same keys as Flower's run config)."""
-    p.add_argument("--preset", default="quick", choices=("quick", "full", "test"),
+    p.add_argument("--preset", choices=("quick", "full", "test"),
                    help="starting configuration (default: quick, 128 px)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.deid_epochs=20 (repeatable)")
@@ -54,9 +55,32 @@ def parse_override(item: str) -> tuple[str, str]:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = preset(args.preset)
+    cfg = preset(args.preset or "quick")
     for item in args.overrides:
         cfg.set(*parse_override(item))
+    return cfg
+
+
+# What `fedeid evaluate --model` may still change: what is measured and on how many held-out
+# patients (their images are drawn apart from the training patients', so these never touch the
+# data the model was trained on). Everything else is the checkpoint's.
+EVALUATION_KEYS = ("eval.", "data.test_patients", "train.device")
+
+
+def evaluation_config(cfg: Config, args: argparse.Namespace) -> Config:
+    """A checkpoint's config with the ``--set`` overrides an evaluation of it may apply.
+
+    An override outside :data:`EVALUATION_KEYS`, or a ``--preset``, would describe another model
+    than the one loaded; it is refused rather than silently ignored.
+    """
+    if args.preset is not None:
+        raise InputError(args.model, f"--preset {args.preset} does not apply: the checkpoint's configuration is used")
+    cfg = copy.deepcopy(cfg)
+    for key, value in map(parse_override, args.overrides):
+        if not key.startswith(EVALUATION_KEYS):
+            raise InputError(args.model, f"--set {key}: with --model only {', '.join(EVALUATION_KEYS)}* can change; "
+                                         "the checkpoint fixes the rest")
+        cfg.set(key, value)
     return cfg
 
 
@@ -107,7 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Writes OUT/results.json and OUT/privacy_utility.png.")
     add_config_args(p)
     p.add_argument("--out", required=True, type=Path, help="report folder")
-    p.add_argument("--model", type=Path, help="evaluate this checkpoint instead of training one")
+    p.add_argument("--model", type=Path,
+                   help="evaluate this checkpoint instead of training one (its configuration is used; --set may "
+                        "change only eval.*, data.test_patients and train.device)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -153,7 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.model:
         deidentifier = DeIdentifier.load(args.model)
-        cfg = deidentifier.cfg
+        cfg = evaluation_config(deidentifier.cfg, args)
         sites, test = load_dataset(cfg.data)
         evaluate_and_report(deidentifier, ImageSet.concat(sites), test, cfg, args.out)
     else:

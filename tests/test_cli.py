@@ -318,6 +318,35 @@ def test_missing_input_folder(tmp_path, model, capsys):
     assert "nowhere: no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, reason", [
+    (["--set", "model.patch_size=4"], "--set model.patch_size: with --model only eval., data.test_patients, "
+                                      "train.device* can change"),
+    (["--set", "data.patients_per_site=3"], "--set data.patients_per_site: with --model only"),
+    (["--preset", "full"], "--preset full does not apply: the checkpoint's configuration is used"),
+])
+def test_evaluate_with_a_model_refuses_settings_that_describe_another_model(tmp_path, model, capsys, extra, reason):
+    """`evaluate --model` once ignored --set and --preset without a word: a user asking for other
+    levels or more held-out patients got the checkpoint's and did not know."""
+    assert main(["evaluate", "--model", str(model), "--out", str(tmp_path / "rep"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: " in err and reason in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_evaluate_with_a_model_applies_what_is_measured(model):
+    import argparse
+
+    from fedeid.commands import evaluation_config
+
+    stored = DeIdentifier.load(model).cfg
+    args = argparse.Namespace(model=model, preset=None,
+                              overrides=["eval.levels=0,1", "data.test_patients=12", "eval.baselines="])
+    cfg = evaluation_config(stored, args)
+    assert cfg.eval.levels == (0.0, 1.0) and cfg.data.test_patients == 12 and cfg.eval.baselines == ()
+    assert cfg.model == stored.model and cfg.train.reid_epochs == stored.train.reid_epochs
+    assert stored.eval.levels != (0.0, 1.0)  # the loaded model's own config is left as it was
+
+
 def test_bad_config_override(tmp_path, capsys):
     assert main(["train", "--preset", "test", "--set", "train.epochz=3", "--out", str(tmp_path / "m.pt")]) == 2
     assert "unknown config key" in capsys.readouterr().err
