@@ -134,6 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path,
                    help="evaluate this checkpoint instead of training one (its configuration is used; --set may "
                         "change only eval.*, data.test_patients and train.device)")
+    p.add_argument("--reid", type=Path, help="with a global federated --model: the site's ReID checkpoint")
+    p.add_argument("--prior", type=Path, help="with a global federated method-B --model: the site's identity prior")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -177,8 +179,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedeid.deid.pipeline import DeIdentifier
     from fedeid.eval.benchmark import evaluate_and_report, run_central_benchmark
 
+    if (args.reid or args.prior) and not args.model:
+        raise InputError(args.reid or args.prior, "goes with --model (a global federated checkpoint)")
     if args.model:
-        deidentifier = DeIdentifier.load(args.model)
+        deidentifier = DeIdentifier.load(args.model, reid=args.reid, prior=args.prior)
         cfg = evaluation_config(deidentifier.cfg, args)
         sites, test = load_dataset(cfg.data)
         evaluate_and_report(deidentifier, ImageSet.concat(sites), test, cfg, args.out)

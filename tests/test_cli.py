@@ -347,6 +347,26 @@ def test_evaluate_with_a_model_applies_what_is_measured(model):
     assert stored.eval.levels != (0.0, 1.0)  # the loaded model's own config is left as it was
 
 
+def test_evaluate_takes_a_global_model_with_the_sites_reid(tmp_path, model, capsys, monkeypatch):
+    from fedeid.checkpoint import save_checkpoint
+    from fedeid.models.deid_model import shared_state
+
+    site = DeIdentifier.load(model)
+    save_checkpoint(tmp_path / "global.pt", site.cfg, shared=shared_state(site.model), reid=None)
+    assert main(["evaluate", "--model", str(tmp_path / "global.pt"), "--out", str(tmp_path / "rep")]) == 2
+    assert "pass the site's ReID checkpoint too" in capsys.readouterr().err
+    assert main(["evaluate", "--reid", str(model), "--out", str(tmp_path / "rep")]) == 2
+    assert "goes with --model" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr("fedeid.eval.benchmark.evaluate_and_report",
+                        lambda deid, train, test, cfg, out: seen.update(deid=deid, cfg=cfg))
+    assert main(["evaluate", "--model", str(tmp_path / "global.pt"), "--reid", str(model),
+                 "--set", "eval.levels=0,1", "--out", str(tmp_path / "rep")]) == 0
+    assert seen["cfg"].eval.levels == (0.0, 1.0)
+    for name, value in site.reid.state_dict().items():
+        assert torch.equal(seen["deid"].reid.state_dict()[name].cpu(), value.cpu())
+
+
 def test_bad_config_override(tmp_path, capsys):
     assert main(["train", "--preset", "test", "--set", "train.epochz=3", "--out", str(tmp_path / "m.pt")]) == 2
     assert "unknown config key" in capsys.readouterr().err

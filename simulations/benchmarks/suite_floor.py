@@ -9,7 +9,8 @@ from the queries as a stochastic release's does), scored by the whole suite, the
 attackers included, ``--repeats`` times.
 
 Usage: ``python simulations/benchmarks/suite_floor.py --out reports/suite_floor.json [--preset quick]
-[--repeats 3]``
+[--repeats 3] [--set data.test_patients=90]`` (more held-out patients lower the floor; the
+training patients stay the same).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fedeid.commands import parse_override  # noqa: E402
 from fedeid.config import preset  # noqa: E402
 from fedeid.data.imageset import ImageSet  # noqa: E402
 from fedeid.data.loaders import load_dataset  # noqa: E402
@@ -52,8 +54,12 @@ def main() -> None:
     parser.add_argument("--out", default="reports/suite_floor.json")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. data.test_patients=90 (repeatable)")
     args = parser.parse_args()
     cfg = preset(args.preset)
+    for item in args.overrides:
+        cfg.set(*parse_override(item))
     sites, test = load_dataset(cfg.data)
     suite = AttackSuite(ImageSet.concat(sites), test, cfg, progress=False)
     runs = []
@@ -70,6 +76,8 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "preset": args.preset,
+        "overrides": args.overrides,
+        "n_test_patients": int(len(np.unique(test.patient_ids))),
         "chance_p_at_1": chance,
         "n_queries": scored["worst_case"]["n_queries"],
         "worst_p_at_1": {"median": statistics.median(worst), "min": min(worst), "max": max(worst)},
