@@ -164,13 +164,19 @@ def train_replace(model: ReplaceModel, reid: ReIDNet, data: ImageSet, cfg: Confi
 @torch.no_grad()
 def fit_identity_prior(model: ReplaceModel, data: ImageSet, cfg: Config,
                        device: torch.device | None = None) -> IdentityPrior:
-    """The site's synthetic-identity prior, fitted to the trained encoder's identity vectors of its images."""
+    """The site's synthetic-identity prior, fitted to the trained encoder's identity vectors of its
+    images, with the residual prior fitted to the same images' other vectors."""
     device = device or resolve_device(cfg.train.device)
     model.to(device).eval()
-    ids = batched(lambda x: model.vectors(x).identity, as_tensor(data.images), device).numpy()
+    def identity_and_residual(x: torch.Tensor) -> torch.Tensor:
+        v = model.vectors(x)
+        return torch.cat([v.identity, model.residual(v)], dim=1)
+
+    vectors = batched(identity_and_residual, as_tensor(data.images), device).numpy()
+    ids, residual = vectors[:, :cfg.model.reid_dim], vectors[:, cfg.model.reid_dim:]
     r = cfg.replace
-    return IdentityPrior.fit(ids, data.patient_ids, components=r.prior_components, fpr=r.prior_fpr,
-                             bank_size=r.prior_bank, seed=cfg.train.seed)
+    return IdentityPrior.fit(ids, data.patient_ids, residual=residual, components=r.prior_components,
+                             fpr=r.prior_fpr, bank_size=r.prior_bank, seed=cfg.train.seed)
 
 
 def training_summary(metrics: dict[str, float], prior: IdentityPrior) -> dict[str, Any]:

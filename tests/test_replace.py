@@ -14,9 +14,9 @@ from fedeid.deid.pipeline import DeIdentifier
 from fedeid.deid.replace import ReplaceDeIdentifier, parse_findings
 from fedeid.eval.counterfactual import counterfactual_figures
 from fedeid.io import InputError
-from fedeid.models.identity_prior import IdentityPrior, calibrate_margin, closest_cosine
+from fedeid.models.identity_prior import IdentityPrior, ResidualPrior, calibrate_margin, closest_cosine
 from fedeid.models.reid import ReIDNet
-from fedeid.models.replace import ReplaceModel, replace_state
+from fedeid.models.replace import ReplaceModel, Vectors, replace_state
 from fedeid.privacy.local import LocalDP
 from fedeid.train import as_tensor, train_reid
 from fedeid.train_replace import CF_LOGIT, fit_identity_prior, patient_proxies, swap_targets, train_replace
@@ -31,7 +31,7 @@ def clustered_identities(patients=12, per=4, dim=16, spread=0.25, seed=0):
 
 def test_no_synthetic_identity_lies_within_the_margin_of_a_real_patient():
     real, ids = clustered_identities()
-    prior = IdentityPrior.fit(real, ids, components=4, fpr=1e-3, bank_size=512, seed=0)
+    prior = IdentityPrior.fit(real, ids, residual=real[:, :3], components=4, fpr=1e-3, bank_size=512, seed=0)
     r = prior.report
     closest = closest_cosine(prior.bank.double().numpy(), real, block=7)  # blocks agree with one product
     assert np.allclose(closest, (prior.bank.double().numpy() @ real.T).max(axis=1))
@@ -50,18 +50,48 @@ def test_no_synthetic_identity_lies_within_the_margin_of_a_real_patient():
 def test_a_crowded_identity_space_is_refused():
     real, ids = clustered_identities(patients=40, per=2, dim=2, spread=0.05)
     with pytest.raises(ValueError, match="too crowded"):
-        IdentityPrior.fit(real, ids, components=4, fpr=0.2, bank_size=64)
+        IdentityPrior.fit(real, ids, residual=real, components=4, fpr=0.2, bank_size=64)
 
 
 def test_prior_state_round_trip_and_validation():
     real, ids = clustered_identities()
-    prior = IdentityPrior.fit(real, ids, components=2, fpr=1e-3, bank_size=64)
-    again = IdentityPrior.from_state(prior.state(), dim=16)
+    prior = IdentityPrior.fit(real, ids, residual=real[:, :5], components=2, fpr=1e-3, bank_size=64)
+    again = IdentityPrior.from_state(prior.state(), dim=16, residual_dim=5)
     assert torch.equal(again.bank, prior.bank) and again.report == prior.report
+    assert torch.equal(again.residual.mean, prior.residual.mean) and torch.equal(again.residual.scale, prior.residual.scale)
     with pytest.raises(ValueError):
-        IdentityPrior.from_state(prior.state(), dim=8)
+        IdentityPrior.from_state(prior.state(), dim=8, residual_dim=5)
+    with pytest.raises(ValueError, match="residual prior has dimension 5"):
+        IdentityPrior.from_state(prior.state(), dim=16, residual_dim=6)
     with pytest.raises(ValueError):
-        IdentityPrior.from_state({"bank": prior.bank}, dim=16)
+        IdentityPrior.from_state({"bank": prior.bank}, dim=16, residual_dim=5)
+    # a prior saved before the residual prior existed is refused with what to do
+    old = {k: v for k, v in prior.state().items() if k != "residual"}
+    with pytest.raises(ValueError, match="holds no residual prior.*retrain, or rerun the federation"):
+        IdentityPrior.from_state(old, dim=16, residual_dim=5)
+    bad = prior.state()
+    bad["residual"]["mean"][0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        IdentityPrior.from_state(bad, dim=16, residual_dim=5)
+
+
+def test_residual_prior_fits_the_site_and_moves_by_the_kept_weight():
+    rng = np.random.default_rng(0)
+    mix = np.array([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 0.3, 1.0]])
+    vectors = rng.standard_normal((4000, 3)) @ mix.T + np.array([1.0, -2.0, 0.5])
+    prior = ResidualPrior.fit(vectors)
+    np.testing.assert_allclose(prior.mean.numpy(), [1.0, -2.0, 0.5], atol=0.1)
+    np.testing.assert_allclose((prior.scale @ prior.scale.T).numpy(), np.cov(vectors.T), rtol=1e-3, atol=1e-3)
+    own = torch.tensor(vectors[:3], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(prior.move(own, 1.0, gen), own, atol=1e-5)
+    # nothing of the own vectors is left at keep 0: two different inputs, one draw, one output
+    first = prior.move(own, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(first, prior.move(own.flip(0), 0.0, torch.Generator().manual_seed(1)))
+    drawn = prior.move(torch.zeros(20000, 3), 0.0, torch.Generator().manual_seed(2)).double()
+    np.testing.assert_allclose(torch.cov(drawn.T).numpy(), np.cov(vectors.T), rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="at least two vectors"):
+        ResidualPrior.fit(vectors[:1])
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +190,26 @@ def test_strength_zero_is_the_input_and_one_is_a_bank_identity(trained):
     assert mask.all() and np.array_equal(a, b) and not np.array_equal(a, c)
     with pytest.raises(ValueError):
         d.deidentify(images, 1.5)
+
+
+def test_at_strength_one_a_release_knows_only_the_finding_decisions(trained, monkeypatch):
+    """Two different images whose finding logits have the same signs give the same release under
+    the same draws: identity, free medical dimensions, residual and logit sizes are all gone."""
+    _, data, _, d, _ = trained
+    x = torch.as_tensor(data.images[:2, None])
+    v = d.model.vectors(x)
+    other = Vectors(v.identity.flip(0), v.medical.flip(0) * 3 + 1, v.other.flip(0) - 2)
+    other.medical[:, :d.model.n_findings] = v.medical[:, :d.model.n_findings].sign() * 7  # same decisions
+    outs = []
+    for vectors in (v, other):
+        monkeypatch.setattr(d.model, "vectors", lambda _x, vectors=vectors: vectors)
+        outs.append(d.replace_tensor(x, 1.0, torch.Generator().manual_seed(5)))
+    assert torch.equal(outs[0], outs[1])
+    outs = []
+    for vectors in (v, other):  # below full strength the own vectors still count
+        monkeypatch.setattr(d.model, "vectors", lambda _x, vectors=vectors: vectors)
+        outs.append(d.replace_tensor(x, 0.5, torch.Generator().manual_seed(5)))
+    assert not torch.equal(outs[0], outs[1])
 
 
 def test_checkpoint_round_trip_and_dispatch(trained, tmp_path):

@@ -245,8 +245,8 @@ def site_prior(cfg: Config, model: Any, data: ImageSet, sdir: Path, site: int) -
             ckpt = load_checkpoint(path)
             if ckpt["extra"].get("site_prior", {}).get("data") == fp:
                 state = load_site_prior(path, shared, "the global model")
-                return ReplaceDeIdentifier(model, IdentityPrior.from_state(state, cfg.model.reid_dim), cfg,
-                                           cfg.train.device)
+                prior = IdentityPrior.from_state(state, cfg.model.reid_dim, model.residual_dim)
+                return ReplaceDeIdentifier(model, prior, cfg, cfg.train.device)
         except (InputError, ValueError) as exc:
             log.info("site %d: %s is not for this global model (%s): refitting", site, path, exc)
     t0 = time.perf_counter()

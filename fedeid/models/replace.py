@@ -142,6 +142,20 @@ class ReplaceModel(nn.Module):
     def finding_logits(self, v: Vectors) -> torch.Tensor:
         return v.medical[:, :self.n_findings]
 
+    @property
+    def residual_dim(self) -> int:
+        """Width of :meth:`residual`: the medical vector's free dimensions plus the residual vector."""
+        return self.heads.medical.out_features - self.n_findings + self.heads.other.out_features
+
+    def residual(self, v: Vectors) -> torch.Tensor:
+        """What is neither identity nor a finding logit [B, R]: the free medical dimensions, then ``other``."""
+        return torch.cat([v.medical[:, self.n_findings:], v.other], dim=1)
+
+    def generate_from(self, identity: torch.Tensor, logits: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """:meth:`generate` from the identity, the finding logits and a :meth:`residual`-shaped vector."""
+        free = self.heads.medical.out_features - self.n_findings
+        return self.generate(identity, torch.cat([logits, residual[:, :free]], dim=1), residual[:, free:])
+
 
 def toward(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """Unit vectors ``t`` of the way from ``a`` to ``b`` (normalised linear interpolation): 0 = a, 1 = b."""
