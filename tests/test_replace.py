@@ -192,6 +192,21 @@ def test_strength_zero_is_the_input_and_one_is_a_bank_identity(trained):
         d.deidentify(images, 1.5)
 
 
+def test_evaluated_methods_draw_anew_per_call_and_repeat_per_seed(trained):
+    """The model holder de-identifies the archive in a call of its own: it must not get the
+    releases' draws again (same seed, same position, same noise ties images by position)."""
+    from fedeid.deid.replace import replace_method
+    from fedeid.eval.report import baseline_method
+
+    _, data, _, d, _ = trained
+    images = data.images[:4]
+    for make in (lambda: replace_method(d, 0), lambda: baseline_method("dppix", 0)):
+        method, again = make(), make()
+        first, second = method(images, 1.0), method(images, 1.0)
+        assert not np.array_equal(first, second)
+        assert np.array_equal(first, again(images, 1.0)) and np.array_equal(second, again(images, 1.0))
+
+
 def test_at_strength_one_a_release_knows_only_the_finding_decisions(trained, monkeypatch):
     """Two different images whose finding logits have the same signs give the same release under
     the same draws: identity, free medical dimensions, residual and logit sizes are all gone."""

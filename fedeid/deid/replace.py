@@ -205,8 +205,14 @@ class ReplaceDeIdentifier:
 
 
 def replace_method(deidentifier: ReplaceDeIdentifier, seed: int) -> Callable[[np.ndarray, float], np.ndarray]:
-    """The evaluator's ``Method`` (images, strength) -> images, with reproducible identity draws."""
-    return lambda images, level: deidentifier.deidentify(images, level, seed=seed)[0]
+    """The evaluator's ``Method`` (images, strength) -> images, with reproducible draws.
+
+    Each call takes the next seed of one stream seeded once. One seed for every call made the
+    model holder's de-identification of the archive replay the releases' draws: image ``i`` of
+    both calls got the same synthetic identity and residual draw, whoever the patients were.
+    """
+    seeds = np.random.default_rng(seed)
+    return lambda images, level: deidentifier.deidentify(images, level, seed=int(seeds.integers(2**62)))[0]
 
 
 def with_site_prior(model: ReplaceModel, data: ImageSet, cfg: Config, metrics: dict[str, float], *,

@@ -52,8 +52,15 @@ def deid_method(deidentifier: DeIdentifier, compensate: bool = True) -> Method:
 
 
 def baseline_method(name: str, seed: int) -> Method:
+    """A baseline as an evaluated method: one random stream seeded once, drawn on by every call.
+
+    Figures repeat run to run, and successive calls draw anew. A stream restarted per call gave
+    the model holder's de-identified archive the releases' own noise, position by position, which
+    ties image ``i`` of one call to image ``i`` of the other whoever the patients are.
+    """
     fn = BASELINES[name]
-    return lambda images, level: fn(images, level, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    return lambda images, level: fn(images, level, rng)
 
 
 class Evaluator:
