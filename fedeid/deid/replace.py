@@ -10,9 +10,9 @@ linear interpolation on the unit sphere). Everything else moves with it, as meth
 bottleneck does: each finding logit towards its decision (``+-CF_LOGIT``, by its sign), and the
 free medical dimensions and the residual towards a fresh draw from the site's Gaussian
 (:class:`fedeid.models.identity_prior.ResidualPrior`). At strength 1 a release therefore
-depends on the patient only through the findings' decisions. (Measured before, on 90
-held-out patients: with those vectors copied, the model holder linked 8-10 of 180 queries at
-strength 1, 4-5 x chance; moved, 5-6, the suite's floor there being 4-5.) Every pixel of a de-identified image comes from the
+depends on the patient only through the findings' decisions. (Measured on one network, 90
+held-out patients, two draws each: with those vectors copied, the model holder linked 15-19 of
+180 queries at strength 1; moved, 8-10, the suite's floor there being 4-5.) Every pixel of a de-identified image comes from the
 generator, so nothing of the original can be matched patch for patch; but it is rebuilt at the
 model's size, so a native-resolution output is the generation upsampled. Strength 0 returns the
 input unchanged (nothing is generated), like level 0 of every other method; any strength above
