@@ -12,11 +12,11 @@ free medical dimensions and the residual towards a fresh draw from the site's Ga
 (:class:`fedeid.models.identity_prior.ResidualPrior`). At strength 1 a release therefore
 depends on the patient only through the findings' decisions. (Measured on one network, 90
 held-out patients, two draws each: with those vectors copied, the model holder linked 15-19 of
-180 queries at strength 1; moved, 8-10, the suite's floor there being 4-5.) Every pixel of a de-identified image comes from the
-generator, so nothing of the original can be matched patch for patch; but it is rebuilt at the
-model's size, so a native-resolution output is the generation upsampled. Strength 0 returns the
-input unchanged (nothing is generated), like level 0 of every other method; any strength above
-0 is the generated image.
+180 queries at strength 1; moved, 8-10, the suite's floor there being 4-5.) Every pixel of a
+de-identified image comes from the generator, so nothing of the original can be matched patch
+for patch; but it is rebuilt at the model's size, so a native-resolution output is the
+generation upsampled. Strength 0 returns the input unchanged (nothing is generated), like level
+0 of every other method; any strength above 0 is the generated image.
 
 **Counterfactuals**: the same identity and residual, one finding's logit in the medical vector
 set to ``+-CF_LOGIT``. The change is transferred as a difference (generation with the new

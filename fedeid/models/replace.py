@@ -143,9 +143,14 @@ class ReplaceModel(nn.Module):
         return v.medical[:, :self.n_findings]
 
     @property
+    def free_dim(self) -> int:
+        """The medical vector's free dimensions (after the finding logits)."""
+        return self.heads.medical.out_features - self.n_findings
+
+    @property
     def residual_dim(self) -> int:
         """Width of :meth:`residual`: the medical vector's free dimensions plus the residual vector."""
-        return self.heads.medical.out_features - self.n_findings + self.heads.other.out_features
+        return self.free_dim + self.heads.other.out_features
 
     def residual(self, v: Vectors) -> torch.Tensor:
         """What is neither identity nor a finding logit [B, R]: the free medical dimensions, then ``other``."""
@@ -153,7 +158,7 @@ class ReplaceModel(nn.Module):
 
     def generate_from(self, identity: torch.Tensor, logits: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """:meth:`generate` from the identity, the finding logits and a :meth:`residual`-shaped vector."""
-        free = self.heads.medical.out_features - self.n_findings
+        free = self.free_dim
         return self.generate(identity, torch.cat([logits, residual[:, :free]], dim=1), residual[:, free:])
 
 

@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedeid.commands import parse_override  # noqa: E402
-from fedeid.config import preset  # noqa: E402
+from fedeid.commands import add_config_args, config_from_args  # noqa: E402
 from fedeid.data.imageset import ImageSet  # noqa: E402
 from fedeid.data.loaders import load_dataset  # noqa: E402
 from fedeid.eval.attackers import AttackSuite  # noqa: E402
@@ -52,14 +51,10 @@ def noise_method(seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="reports/suite_floor.json")
-    parser.add_argument("--preset", default="quick")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. data.test_patients=90 (repeatable)")
+    add_config_args(parser)  # --preset, --set (e.g. data.test_patients=90), as the fedeid commands take them
     args = parser.parse_args()
-    cfg = preset(args.preset)
-    for item in args.overrides:
-        cfg.set(*parse_override(item))
+    cfg = config_from_args(args)
     sites, test = load_dataset(cfg.data)
     suite = AttackSuite(ImageSet.concat(sites), test, cfg, progress=False)
     runs = []
@@ -75,7 +70,7 @@ def main() -> None:
     worst = [r["worst_case"]["p_at_1"] for r in runs]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "preset": args.preset,
+        "preset": args.preset or "quick",
         "overrides": args.overrides,
         "n_test_patients": int(len(np.unique(test.patient_ids))),
         "chance_p_at_1": chance,
